@@ -1,0 +1,286 @@
+"""The hand-off artifact: a standard Hugging Face checkpoint directory plus `crosschip.json`.
+
+Layout of a checkpoint directory (what `AutoModelForCausalLM.from_pretrained` loads unchanged):
+  config.json, generation_config.json, model-0000K-of-0000N.safetensors,
+  model.safetensors.index.json, tokenizer files, crosschip.json
+
+`crosschip.json` records provenance, the sha256 of every other file, and the `conversions` and
+`verifications` lists that later stages append to. This module owns reading, validating and
+writing it; nothing else writes the manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import safetensors
+import torch
+import transformers
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+import crosschip
+from crosschip.errors import CrosschipError
+from crosschip.fsio import atomic_dir, atomic_write_json
+
+MANIFEST_NAME = "crosschip.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+LATEST_POINTER = "latest"  # a training run directory names its newest checkpoint in this file
+
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_member(root: Path, name: str, what: str) -> Path:
+    """Resolve a file name read from an index or manifest, refusing anything outside `root`.
+
+    Index files come from whoever published the checkpoint; a name like `../../.ssh/x` or
+    `/etc/passwd` must never be opened.
+    """
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or "\\" in name or any(p in ("..", "") for p in pure.parts):
+        raise CrosschipError(
+            f"{what} names an unsafe path {name!r} (absolute or containing '..')",
+            "the checkpoint is malformed or malicious: re-download it from a trusted source",
+        )
+    path = (root / pure).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise CrosschipError(f"{what} names {name!r}, which resolves outside {root}", "re-download the checkpoint")
+    return path
+
+
+def resolve_checkpoint_dir(path: Path) -> Path:
+    """Accept a checkpoint directory, or a training run directory whose `latest` names one."""
+    path = Path(path)
+    if not path.exists():
+        raise CrosschipError(f"checkpoint {path} does not exist", "pass a checkpoint directory or a training --out dir")
+    if (path / "config.json").is_file():
+        return path
+    pointer = path / LATEST_POINTER
+    if pointer.is_file():
+        step_dir = safe_member(path, pointer.read_text().strip(), f"{pointer}")
+        return step_dir / "model"
+    raise CrosschipError(
+        f"{path} is not a checkpoint: no config.json (nor a training run's '{LATEST_POINTER}' file)",
+        "pass the directory that holds config.json and the safetensors files",
+    )
+
+
+def weight_files(root: Path) -> dict[str, str]:
+    """Map every tensor name to its safetensors file (validated), from the index or the single file."""
+    index_path = root / INDEX_NAME
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CrosschipError(f"{index_path} is not a valid safetensors index ({e})", "re-create it") from e
+        for name in set(weight_map.values()):
+            if not safe_member(root, name, str(index_path)).is_file():
+                raise CrosschipError(
+                    f"checkpoint {root} is incomplete: shard {name} listed in {INDEX_NAME} is missing",
+                    "copy the missing shard or re-save the checkpoint",
+                )
+        return dict(weight_map)
+    single = root / SINGLE_NAME
+    if single.is_file():
+        with safetensors.safe_open(single, "pt") as f:
+            return {k: SINGLE_NAME for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    raise CrosschipError(
+        f"checkpoint {root} has no weights ({SINGLE_NAME} or {INDEX_NAME})",
+        "only safetensors checkpoints are loaded; convert .bin/.pt weights to safetensors first",
+    )
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint directory."""
+
+    path: Path
+    config: PretrainedConfig
+    manifest: dict[str, Any] | None  # None for a plain HF checkpoint not written by crosschip
+    weight_map: dict[str, str]
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+
+def verify_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """Check every file the manifest lists is present with the recorded sha256."""
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CrosschipError(
+            f"{root / MANIFEST_NAME} has format_version {version!r}; this crosschip reads {FORMAT_VERSION}",
+            "upgrade crosschip or re-save the checkpoint",
+        )
+    for name, meta in manifest.get("files", {}).items():
+        path = safe_member(root, name, MANIFEST_NAME)
+        if not path.is_file():
+            raise CrosschipError(f"checkpoint {root} is incomplete: {name} is missing", "re-copy the checkpoint")
+        if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+            raise CrosschipError(
+                f"checkpoint {root}: sha256 of {name} does not match {MANIFEST_NAME} (corrupt or modified)",
+                "re-copy the file from the original checkpoint",
+            )
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CrosschipError(f"{path} is not valid JSON ({e})", "restore it from the original checkpoint") from e
+    if not isinstance(manifest, dict):
+        raise CrosschipError(f"{path} is not a crosschip manifest", "restore it from the original checkpoint")
+    return manifest
+
+
+def open_checkpoint(path: Path, verify: bool = True) -> Checkpoint:
+    """Validate a checkpoint: config, weight files, and (if present) the manifest's sha256s."""
+    root = resolve_checkpoint_dir(Path(path))
+    try:
+        config = AutoConfig.from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CrosschipError(f"{root}/config.json cannot be read ({e})", "restore config.json") from e
+    weight_map = weight_files(root)
+    manifest = read_manifest(root)
+    if manifest is not None and verify:
+        verify_manifest(root, manifest)
+    return Checkpoint(root, config, manifest, weight_map)
+
+
+def read_state_dict(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor from the checkpoint's safetensors files (never pickle)."""
+    state: dict[str, torch.Tensor] = {}
+    for name in ckpt.files:
+        path = safe_member(ckpt.path, name, INDEX_NAME)
+        try:
+            with safetensors.safe_open(path, "pt") as f:
+                for key in f.keys():  # noqa: SIM118
+                    t = f.get_tensor(key)
+                    state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CrosschipError(f"{path} is not a readable safetensors file ({e})", "re-copy the file") from e
+    missing = set(ckpt.weight_map) - set(state)
+    if missing:
+        raise CrosschipError(
+            f"checkpoint {ckpt.path}: {len(missing)} tensors listed in the index are absent, e.g. {min(missing)}",
+            "re-save the checkpoint",
+        )
+    return state
+
+
+def load_model(
+    path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True
+) -> tuple[PreTrainedModel, Checkpoint]:
+    """crosschip's loader: validate, read tensors from safetensors, build the model in eval mode."""
+    from crosschip.models import model_class
+
+    ckpt = open_checkpoint(path, verify=verify)
+    state = read_state_dict(ckpt, dtype)
+    cls = model_class(ckpt.config)
+    model = cls.from_pretrained(None, config=ckpt.config, state_dict=state, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), ckpt
+
+
+def load_tokenizer_if_present(path: Path) -> Any | None:
+    from transformers import AutoTokenizer
+
+    root = resolve_checkpoint_dir(Path(path))
+    if not (root / "tokenizer.json").is_file() and not (root / "tokenizer_config.json").is_file():
+        return None
+    return AutoTokenizer.from_pretrained(root, local_files_only=True)
+
+
+def runtime_versions() -> dict[str, str]:
+    return {
+        "crosschip": crosschip.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_manifest(root: Path, provenance: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    files = {
+        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(root.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "provenance": {**provenance, "versions": runtime_versions()},
+        "files": files,
+        "conversions": [],
+        "verifications": [],
+    }
+
+
+def _ensure_index(root: Path) -> None:
+    """Always ship an index, also for a single shard, so every reader takes one path."""
+    if (root / INDEX_NAME).exists():
+        return
+    single = root / SINGLE_NAME
+    with safetensors.safe_open(single, "pt") as f:
+        keys = sorted(f.keys())  # noqa: SIM118
+    index = {"metadata": {"total_size": single.stat().st_size}, "weight_map": {k: SINGLE_NAME for k in keys}}
+    (root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_checkpoint(
+    out_dir: Path,
+    model: PreTrainedModel,
+    tokenizer: Any | None,
+    provenance: dict[str, Any],
+    shard_size: str | int = "2GB",
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save an HF checkpoint + manifest atomically; `extra(tmp)` may add sibling files first."""
+    with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
+        model_dir = tmp if extra is None else tmp / "model"
+        model_dir.mkdir(exist_ok=True)
+        model.save_pretrained(model_dir, max_shard_size=shard_size)
+        _ensure_index(model_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(model_dir)
+        summary = {
+            "architecture": type(model).__name__,
+            "model_type": model.config.model_type,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        }
+        atomic_write_json(model_dir / MANIFEST_NAME, build_manifest(model_dir, provenance, summary))
+        if extra is not None:
+            extra(tmp)
+    return Path(out_dir)
+
+
+def append_record(path: Path, kind: str, record: dict[str, Any]) -> None:
+    """Append to the manifest's `conversions` or `verifications` list (atomic rewrite)."""
+    if kind not in ("conversions", "verifications"):
+        raise ValueError(kind)
+    root = resolve_checkpoint_dir(Path(path))
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise CrosschipError(f"{root} has no {MANIFEST_NAME}", "convert or re-save it with crosschip first")
+    manifest.setdefault(kind, []).append(record)
+    atomic_write_json(root / MANIFEST_NAME, manifest)

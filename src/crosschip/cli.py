@@ -1,0 +1,193 @@
+"""The `crosschip` command line: thin wrappers that parse options and call the stage packages."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from crosschip.errors import CrosschipError
+
+app = typer.Typer(
+    name="crosschip",
+    help="Train where you can, convert for where you must serve, check, verify and serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _human_bytes(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**30:.1f} GiB"
+
+
+@app.command()
+def devices(json_out: JsonOpt = False) -> None:
+    """List the torch devices present on this machine and what they can train in."""
+    from crosschip.devices import list_devices
+
+    found = list_devices()
+    if json_out:
+        return _print_json(found)
+    table = Table("device", "name", "memory", "train precisions", "details")
+    for d in found:
+        details = ""
+        if "cores" in d:
+            details = f"{d['cores']['physical']} cores / {d['cores']['logical']} threads; {' '.join(d['isa_flags'])}"
+        precisions = ", ".join(d["train_precisions"])
+        table.add_row(d["device"], d["name"], _human_bytes(d.get("memory_bytes")), precisions, details)
+    out.print(table)
+
+
+@app.command()
+def targets(
+    name: Annotated[str | None, typer.Argument(help="A target profile, e.g. ascend-310p.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the serving/training target profiles (all, or one in full)."""
+    from crosschip.targets import list_targets, load_target
+
+    profiles = [load_target(name)] if name else [load_target(n) for n in list_targets()]
+    if json_out:
+        return _print_json([p.to_dict() for p in profiles] if not name else profiles[0].to_dict())
+    if name:
+        for key, value in profiles[0].to_dict().items():
+            out.print(f"[bold]{key}[/]: {value}", highlight=False)
+        return None
+    table = Table("target", "device", "memory/dev", "matmul dtypes", "overflow", "serve as", "stacks")
+    for p in profiles:
+        mem = f"{p.memory_per_device_gib:g} GiB" if p.memory_per_device_gib else "host"
+        table.add_row(p.name, p.device_type, mem, ", ".join(p.matmul_dtypes), p.overflow_mode,
+                      p.default_serving_format, ", ".join(p.serving_stacks))
+    out.print(table)
+    return None
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Training text: .txt, .jsonl (field 'text') or .parquet; file or dir.")],
+    model: Annotated[str, typer.Option(help="A preset (tiny, small, base, deepseek-tiny, ...) or a checkpoint dir.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory: step checkpoints, metrics.jsonl.")],
+    device: Annotated[str, typer.Option(help="cpu, cuda[:N], npu[:N], mps, xpu, or auto.")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16, or auto (the device's fast default).")] = "auto",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 20,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm.")] = 1.0,
+    eval_every: Annotated[int, typer.Option(help="Validate every N steps.")] = 100,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
+    log_every: Annotated[int, typer.Option(help="Log every N steps.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for init, data order and split.")] = 0,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary of a newly trained tokenizer.")] = 4096,
+    tokenizer: Annotated[Path | None, typer.Option(help="Reuse a tokenizer directory.")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
+    shard_size: Annotated[str, typer.Option(help="Max safetensors shard size, e.g. 2GB.")] = "2GB",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train a model (preset or checkpoint) on any torch device; save hand-off checkpoints."""
+    from crosschip.train.config import TrainConfig
+    from crosschip.train.loop import train as run_train
+    from crosschip.train.report import ConsoleReporter
+
+    cfg = TrainConfig(
+        data=data, model=model, out=out_dir, device=device, precision=precision, steps=steps,
+        batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, save_every=save_every,
+        log_every=log_every, seed=seed, vocab_size=vocab_size, tokenizer=tokenizer, compile=compile_model,
+        threads=threads, shard_size=shard_size, resume=resume, overwrite=overwrite,
+    )
+    result = run_train(cfg, ConsoleReporter())
+    summary = {k: v for k, v in vars(result).items() if k != "history"}
+    if json_out:
+        _print_json(summary)
+    else:
+        val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"
+        err.print(
+            f"trained {result.steps} steps on {result.device} ({result.precision}): loss {result.train_loss:.4f}, "
+            f"val {val}, {result.tokens_per_s:,.0f} tok/s\ncheckpoint: {result.checkpoint}", highlight=False,
+        )
+    if result.interrupted_by:
+        err.print(f"stopped by {result.interrupted_by}; checkpoint saved. Continue with --resume.")
+        raise typer.Exit(130)
+
+
+@app.command()
+def generate(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory (or a training run directory).")],
+    prompt: Annotated[str, typer.Option(help="Prompt text.")],
+    device: Annotated[str, typer.Option(help="cpu, cuda[:N], npu[:N], mps, xpu, or auto.")] = "auto",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Top-k sampling (0 = off).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+) -> None:
+    """Generate text from a checkpoint with a KV cache, streamed to the terminal."""
+    from crosschip.generate import SamplingParams, generate_text
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    generate_text(ckpt, prompt, params, device, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    sys.stdout.write("\n")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo writes its corpus and run.")] = Path("runs/demo"),
+    steps: Annotated[int | None, typer.Option(help="Training steps (default: fit the time budget).")] = None,
+    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 6.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """The whole pipeline on embedded defaults: corpus, tokenizer, training, checkpoint, sample."""
+    from crosschip.demo import run_demo
+
+    summary = run_demo(workdir, steps=steps, minutes=minutes, console=err)
+    if json_out:
+        _print_json(summary)
+
+
+def main() -> None:
+    """Entry point: bad input is one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        rc = app(standalone_mode=False)  # returns the code of a typer.Exit
+    except CrosschipError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click usage errors: print like click would, exit 2
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

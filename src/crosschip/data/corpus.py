@@ -1,0 +1,302 @@
+"""Raw text corpora: find data files, stream documents out of them, fingerprint them.
+
+Accepted inputs are a single file or a directory (searched recursively) of:
+  * ``.txt``     one document per file (UTF-8),
+  * ``.jsonl``   one JSON object per line with a string field ``"text"``,
+  * ``.parquet`` a string column ``"text"``, read one row group at a time.
+Empty documents are skipped everywhere: they carry no tokens, only BOS/EOS noise.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import sysconfig
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from crosschip.errors import CrosschipError
+from crosschip.fsio import atomic_write_bytes
+
+ACCEPTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+PARQUET_MAGIC = b"PAR1"
+_HASH_CHUNK = 1 << 20
+
+# Stdlib directories that hold tests, GUI demos, vendored packages or generated data rather
+# than documented library code; parsing them would only add noise (and time).
+_STDLIB_SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "lib2to3",
+        "site-packages",
+        "dist-packages",
+        "turtledemo",
+        "__pycache__",
+        "ensurepip",
+        "pydoc_data",
+        "lib-dynload",
+        "encodings",  # ~100 near-identical generated codec docstrings
+    }
+)
+_MIN_DOCSTRING_CHARS = 40
+
+
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise CrosschipError(
+            f"cannot read data file {path}: {e.strerror or e}", "fix the file permissions or remove the file"
+        ) from e
+
+
+def _is_hidden(rel: Path) -> bool:
+    # Hidden files/dirs (.git, .cache, editor swap files) are never corpus content.
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def list_data_files(path: Path) -> list[Path]:
+    """Return the data files at `path` (a file, or a directory searched recursively, sorted)."""
+    path = Path(path)
+    accepted = ", ".join(ACCEPTED_SUFFIXES)
+    if not path.exists():
+        raise CrosschipError(f"data path {path} does not exist", f"pass a file or directory of {accepted} files")
+    if path.is_file():
+        if _suffix(path) not in ACCEPTED_SUFFIXES:
+            raise CrosschipError(
+                f"data file {path} has unsupported type {path.suffix or '(none)'!r}",
+                f"convert it to one of {accepted}",
+            )
+        _check_readable(path)
+        return [path]
+    if not path.is_dir():
+        raise CrosschipError(f"data path {path} is not a regular file or directory", "pass a file or directory")
+    all_files = sorted(
+        (p for p in path.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(path))),
+        key=lambda p: p.relative_to(path).as_posix(),
+    )
+    if not all_files:
+        raise CrosschipError(f"data directory {path} is empty", f"put {accepted} files in it")
+    files = [p for p in all_files if _suffix(p) in ACCEPTED_SUFFIXES]
+    if not files:
+        seen = sorted({p.suffix or "(none)" for p in all_files})[:8]
+        raise CrosschipError(
+            f"data directory {path} has no {accepted} files (found types: {', '.join(seen)})",
+            f"add {accepted} files or point at the right directory",
+        )
+    for f in files:
+        _check_readable(f)
+    return files
+
+
+def _iter_txt(path: Path) -> Iterator[str]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CrosschipError(
+            f"{path} is not valid UTF-8 (bad byte at offset {e.start})", "re-encode the file as UTF-8"
+        ) from e
+    if text.strip():
+        yield text
+
+
+def _jsonl_text(raw: bytes, where: str) -> str:
+    """Decode one JSONL line and return its "text" field."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CrosschipError(f"{where}: not valid UTF-8", "re-encode the file as UTF-8") from e
+    except json.JSONDecodeError as e:
+        raise CrosschipError(
+            f"{where}: invalid JSON ({e.msg})", 'write one JSON object per line: {"text": "..."}'
+        ) from e
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise CrosschipError(
+            f'{where}: expected a JSON object with a string field "text"',
+            'write one JSON object per line: {"text": "..."}',
+        )
+    return obj["text"]
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            text = _jsonl_text(raw, f"{path}:{lineno}")
+            if text:
+                yield text
+
+
+def _check_parquet_magic(path: Path) -> None:
+    # A parquet file starts and ends with b"PAR1"; checking both catches mislabeled and truncated files
+    # with a clear message instead of a pyarrow stack trace.
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(size - 4, 0))
+        tail = f.read(4)
+    if size < 12 or head != PARQUET_MAGIC or tail != PARQUET_MAGIC:
+        raise CrosschipError(
+            f"{path} is not a parquet file (missing PAR1 magic bytes; truncated or mislabeled)",
+            "rename it to its real type or re-export it as parquet",
+        )
+
+
+def _iter_parquet(path: Path) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _check_parquet_magic(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CrosschipError(f"{path}: cannot open parquet file ({e})", "re-export the file as parquet") from e
+    schema = pf.schema_arrow
+    if "text" not in schema.names:
+        raise CrosschipError(
+            f'{path} has no "text" column (columns: {", ".join(schema.names[:10])})',
+            'rename the column holding the documents to "text"',
+        )
+    field_type = schema.field("text").type
+    if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
+        raise CrosschipError(f'{path}: column "text" has type {field_type}, not string', "store text as strings")
+    for i in range(pf.num_row_groups):
+        try:
+            column = pf.read_row_group(i, columns=["text"]).column("text")
+        except (pa.ArrowException, OSError) as e:
+            raise CrosschipError(f"{path}: cannot read row group {i} ({e})", "re-export the file") from e
+        for text in column.to_pylist():
+            if text:
+                yield text
+
+
+def iter_file_documents(files: list[Path]) -> Iterator[str]:
+    """Yield every non-empty document of the given data files, in order."""
+    readers = {".txt": _iter_txt, ".jsonl": _iter_jsonl, ".parquet": _iter_parquet}
+    for f in files:
+        yield from readers[_suffix(f)](f)
+
+
+def iter_documents(path: Path) -> Iterator[str]:
+    """Yield every non-empty document under `path`, in a deterministic order."""
+    yield from iter_file_documents(list_data_files(path))
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprint(files: list[Path]) -> str:
+    """sha256 over (name relative to the files' common directory, size, content sha256) of each file.
+
+    Relative names keep the fingerprint stable when a corpus directory is moved or copied.
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        raise CrosschipError("no data files to fingerprint", "pass at least one data file")
+    root = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    h = hashlib.sha256()
+    for f in files:
+        rel = f.resolve().relative_to(root).as_posix()
+        h.update(f"{rel}\0{f.stat().st_size}\0{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _stdlib_py_files(root: Path) -> Iterator[Path]:
+    """Library .py files under the stdlib root, in sorted (deterministic) order."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            if name.endswith(".py") and not name.startswith("test_"):
+                yield Path(dirpath) / name
+
+
+def _module_docstrings(path: Path) -> list[str]:
+    """Module, class and function docstrings of one file in source order, parsed (never imported)."""
+    try:
+        source = path.read_bytes()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid-escape SyntaxWarnings in old modules are irrelevant
+            tree = ast.parse(source, filename=str(path))
+    except (OSError, SyntaxError, ValueError):
+        return []  # unparsable or unreadable files are simply not part of the demo corpus
+    docs: list[tuple[int, int, str]] = []
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for node in ast.walk(tree):
+        if isinstance(node, kinds):
+            doc = ast.get_docstring(node, clean=True)
+            if doc and len(doc.strip()) >= _MIN_DOCSTRING_CHARS:
+                docs.append((getattr(node, "lineno", 0), getattr(node, "col_offset", 0), doc.strip()))
+    return [d for _, _, d in sorted(docs, key=lambda t: (t[0], t[1]))]
+
+
+def stdlib_docstring_corpus(out_path: Path, max_bytes: int = 8_000_000) -> Path:
+    """Write a JSONL demo corpus of the running interpreter's stdlib docstrings to `out_path`.
+
+    Deterministic for a given Python installation; duplicate docstrings are kept once; stops before
+    the file would exceed `max_bytes`.
+    """
+    if max_bytes <= 0:
+        raise CrosschipError(f"max_bytes must be positive, got {max_bytes}", "pass a positive size")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise CrosschipError(f"standard library not found at {root}", "pass --data with your own corpus")
+    seen: set[str] = set()
+    lines: list[bytes] = []
+    total = 0
+    for path in _stdlib_py_files(root):
+        for doc in _module_docstrings(path):
+            if doc in seen:
+                continue
+            line = (json.dumps({"text": doc}, ensure_ascii=False) + "\n").encode("utf-8")
+            if total + len(line) > max_bytes:
+                return _write_corpus(out_path, lines, root)
+            seen.add(doc)
+            lines.append(line)
+            total += len(line)
+    return _write_corpus(out_path, lines, root)
+
+
+def _write_corpus(out_path: Path, lines: list[bytes], root: Path) -> Path:
+    if not lines:
+        raise CrosschipError(f"no docstrings found under {root}", "pass --data with your own corpus")
+    out_path = Path(out_path)
+    atomic_write_bytes(out_path, b"".join(lines))
+    return out_path
+
+
+def unigram_entropy(token_ids: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the empirical unigram distribution: the loss of a context-free model."""
+    ids = np.asarray(token_ids).reshape(-1)
+    if ids.size == 0:
+        raise CrosschipError("cannot compute unigram entropy of an empty token stream", "use more data")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    chunk = 1 << 24  # bincount casts to intp: chunking bounds the temporary copy of large memmaps
+    for start in range(0, ids.size, chunk):
+        part = np.asarray(ids[start : start + chunk])
+        if part.min() < 0 or part.max() >= vocab_size:
+            raise CrosschipError(
+                f"token id out of range [0, {vocab_size}) in stream", "pass the tokenizer's full vocab size"
+            )
+        counts += np.bincount(part, minlength=vocab_size)
+    p = counts[counts > 0] / ids.size
+    return float(-(p * np.log(p)).sum())

@@ -1,0 +1,1 @@
+"""Training on any torch device: `train(TrainConfig, Reporter) -> TrainResult`."""

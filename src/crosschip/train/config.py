@@ -1,0 +1,65 @@
+"""Typed configuration of a training run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from crosschip.errors import CrosschipError
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    model: str  # a preset name or a checkpoint directory (continue training / fine-tune)
+    out: Path
+    device: str = "auto"
+    precision: str = "auto"  # fp32 | bf16 | fp16 | auto (the device's fastest exact-enough choice)
+    steps: int = 200
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep: int = 2  # how many step checkpoints to keep
+    log_every: int = 10
+    seed: int = 0
+    vocab_size: int = 4096  # for a newly trained tokenizer
+    tokenizer: Path | None = None  # reuse a tokenizer directory instead of training one
+    val_fraction: float = 0.05
+    compile: bool = False
+    threads: int | None = None
+    shard_size: str = "2GB"
+    overwrite: bool = False
+    resume: bool = False
+    cache_dir: Path | None = None  # token shard cache; default <out>/../.crosschip-cache
+
+    def validate(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise CrosschipError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if not 0 < self.lr < 1:
+            raise CrosschipError(f"--lr must be in (0, 1) (got {self.lr})")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise CrosschipError(f"--warmup-steps must be in [0, --steps] (got {self.warmup_steps})")
+        if not 0 < self.val_fraction < 0.5:
+            raise CrosschipError(f"--val-fraction must be in (0, 0.5) (got {self.val_fraction})")
+        if self.resume and self.overwrite:
+            raise CrosschipError("--resume and --overwrite contradict each other", "pass only one of them")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len

@@ -1,0 +1,255 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, exact resume.
+
+Written for one process today and torchrun tomorrow: rank and world size come from the
+environment, the data is sharded by rank, and only rank 0 logs and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from crosschip import devices
+from crosschip.checkpoint import write_checkpoint
+from crosschip.data.loader import PackedBatches, eval_batches
+from crosschip.train.config import TrainConfig
+from crosschip.train.report import Reporter
+from crosschip.train.schedule import lr_at
+from crosschip.train.setup import METRICS_FILE, RunInputs, check_inputs, prepare_inputs, prepare_out_dir
+from crosschip.train.state import dist_info, load_train_state, mark_latest, prune, save_train_state, step_dir_name
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    steps: int
+    tokens_seen: int
+    train_loss: float
+    val_loss: float | None
+    tokens_per_s: float
+    elapsed_s: float
+    device: str
+    precision: str
+    interrupted_by: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM only set a flag: the loop saves at the next step boundary, then exits."""
+    received: list[int] = []
+    previous = {
+        s: signal.signal(s, lambda signum, _frame: received.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def make_optimizer(model: PreTrainedModel, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with no weight decay on norms and biases (1-D tensors), fused where the device allows."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = devices.fused_adamw_supported(device)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # x, y: [B, S]; y is x shifted by one, so the loss is plain next-token cross-entropy.
+    logits = model(input_ids=x).logits  # [B, S, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+def train_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, loader: PackedBatches,
+    cfg: TrainConfig, device: torch.device, precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) as tensors."""
+    total = torch.zeros((), device=device)
+    for _ in range(cfg.grad_accum):
+        x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        with devices.autocast(device, precision):
+            loss = lm_loss(model, x, y) / cfg.grad_accum
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokens: Any, cfg: TrainConfig, device: torch.device, precision: str) -> float:
+    """Mean next-token loss over a fixed set of validation windows (nats per token)."""
+    model.eval()
+    losses = []
+    for x, y in eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+        with devices.autocast(device, precision):
+            losses.append(lm_loss(model, x.to(device), y.to(device)).item())
+    model.train()
+    return sum(losses) / max(1, len(losses))
+
+
+class Trainer:
+    """Holds a run's state; `run()` trains to cfg.steps or until a signal, saving as it goes."""
+
+    def __init__(self, cfg: TrainConfig, reporter: Reporter) -> None:
+        cfg.validate()
+        self.cfg, self.reporter = cfg, reporter
+        self.rank, self.world_size = dist_info()
+        self.device = devices.resolve_device(cfg.device)
+        self.precision = devices.default_precision(self.device) if cfg.precision == "auto" else cfg.precision
+        devices.check_precision(self.device, self.precision)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.out = Path(cfg.out)
+        check_inputs(cfg)  # fail on bad data or model before anything is written
+        resume_step = prepare_out_dir(cfg)
+        self.inputs: RunInputs = prepare_inputs(cfg, resume_step, reporter.log)
+        self.model = self.inputs.model.to(self.device)
+        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scaler = devices.make_grad_scaler(self.device, self.precision)
+        self.loader = PackedBatches(
+            self.inputs.shards.train, cfg.batch_size, cfg.seq_len, cfg.seed, self.rank, self.world_size
+        )
+        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.last_loss, self.last_val = float("nan"), None
+        if resume_step is not None:
+            self._restore(resume_step)
+
+    def _restore(self, step: int) -> None:
+        state = load_train_state(self.out / step_dir_name(step) / "train_state")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        devices.set_rng_state(self.device, state["rng"])
+        self.loader.load_state_dict(state["loader"])
+        self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        self.last_loss, self.last_val = state["last_loss"], state["last_val"]
+        _truncate_metrics(self.out / METRICS_FILE, step)
+        self.reporter.log(f"resumed from {self.out / step_dir_name(step)} at step {step}")
+
+    def provenance(self) -> dict[str, Any]:
+        shards_meta = self.inputs.shards.meta
+        return {
+            "device": {"kind": self.device.type, "name": devices.device_name(self.device), "spec": self.cfg.device},
+            "precision": self.precision,
+            "world_size": self.world_size,
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data_fingerprint": shards_meta.get("data_fingerprint"),
+            "tokenizer_fingerprint": shards_meta.get("tokenizer_fingerprint"),
+            "model_source": self.inputs.model_source,
+            "train_loss": self.last_loss,
+            "val_loss": self.last_val,
+            "train_config": self.cfg.to_dict(),
+        }
+
+    def save(self) -> Path:
+        """Save weights + training state as one atomic step directory, then point `latest` at it."""
+        if self.rank != 0:
+            return self.out / step_dir_name(self.step) / "model"
+        state = {
+            "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+            "last_loss": self.last_loss, "last_val": self.last_val,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": devices.get_rng_state(self.device),
+            "loader": self.loader.state_dict(),
+        }
+        final = self.out / step_dir_name(self.step)
+        write_checkpoint(
+            final, self.model, self.inputs.tokenizer, self.provenance(), self.cfg.shard_size, overwrite=True,
+            extra=lambda tmp: save_train_state(tmp / "train_state", state),
+        )
+        mark_latest(self.out, self.step)
+        prune(self.out, self.cfg.keep)
+        return final / "model"
+
+    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, window: tuple[float, int]) -> dict:
+        self.last_loss = loss.item()
+        t0, tokens0 = window
+        dt = max(time.perf_counter() - t0, 1e-9)
+        row = {
+            "step": self.step, "loss": round(self.last_loss, 6), "lr": lr, "grad_norm": round(grad_norm.item(), 6),
+            "tokens_seen": self.tokens_seen, "tokens_per_s": round((self.tokens_seen - tokens0) / dt, 1),
+            "elapsed_s": round(self.elapsed, 3),
+        }
+        if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+            self.last_val = evaluate(self.step_model, self.inputs.shards.val, self.cfg, self.device, self.precision)
+            row["val_loss"] = round(self.last_val, 6)
+            row["val_ppl"] = round(float(torch.tensor(self.last_val).exp()), 3)
+        if self.rank == 0:
+            with open(self.out / METRICS_FILE, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def run(self) -> TrainResult:
+        cfg, history = self.cfg, []
+        run_t0, run_tokens0 = time.perf_counter(), self.tokens_seen
+        window = (run_t0, self.tokens_seen)
+        interrupted: str | None = None
+        self.reporter.start(cfg.steps, self.step)
+        with stop_on_signals() as received:
+            while self.step < cfg.steps:
+                if received:
+                    interrupted = signal.Signals(received[0]).name
+                    break
+                lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                t = time.perf_counter()
+                loss, grad_norm = train_step(
+                    self.step_model, self.optimizer, self.scaler, self.loader, cfg, self.device, self.precision
+                )
+                self.step += 1
+                self.tokens_seen += cfg.tokens_per_step * self.world_size
+                self.elapsed += time.perf_counter() - t
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    history.append(self._log_step(loss, grad_norm, lr, window))
+                    self.reporter.update(self.step, history[-1])
+                    window = (time.perf_counter(), self.tokens_seen)
+                if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+            path = self.save()
+        self.reporter.close()
+        wall = time.perf_counter() - run_t0
+        return TrainResult(
+            path, self.step, self.tokens_seen, self.last_loss, self.last_val,
+            (self.tokens_seen - run_tokens0) / max(wall, 1e-9), wall, str(self.device), self.precision,
+            interrupted, history,
+        )
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from: they will be logged again."""
+    if not path.is_file():
+        return
+    from crosschip.fsio import atomic_write_bytes
+
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_bytes(path, ("\n".join(rows) + "\n" if rows else "").encode())
+
+
+def train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
+    return Trainer(cfg, reporter).run()

@@ -1,0 +1,134 @@
+"""Everything a run needs before its first step: output dir, tokenizer, token shards, model."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from crosschip import checkpoint
+from crosschip.data.corpus import iter_documents, list_data_files
+from crosschip.data.shards import TokenShards, build_shards
+from crosschip.data.tokenizer import load_tokenizer, train_tokenizer
+from crosschip.errors import CrosschipError
+from crosschip.models import build_model, get_preset
+from crosschip.train.config import TrainConfig
+from crosschip.train.state import LATEST_POINTER, complete_steps, step_dir_name
+
+TOKENIZER_DIR = "tokenizer"
+METRICS_FILE = "metrics.jsonl"
+
+
+def default_cache_dir() -> Path:
+    """Token shards are cached by content hash, so one cache serves every run on the machine."""
+    env = os.environ.get("CROSSCHIP_CACHE")
+    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crosschip"
+    return base / "shards"
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Cheap checks of --data, --model and --tokenizer, before the run directory is touched."""
+    list_data_files(Path(cfg.data))
+    if cfg.model not in _preset_names():
+        if not Path(cfg.model).exists():
+            get_preset(cfg.model)  # raises: neither a preset nor a path
+        checkpoint.open_checkpoint(Path(cfg.model), verify=False)
+    if cfg.tokenizer is not None and not Path(cfg.tokenizer).is_dir():
+        raise CrosschipError(f"--tokenizer {cfg.tokenizer} is not a directory", "pass a tokenizer directory")
+
+
+def prepare_out_dir(cfg: TrainConfig) -> int | None:
+    """Check the output directory against --resume/--overwrite; return the step to resume from."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise CrosschipError(f"--out {out} exists and is not a directory", "choose another --out")
+    steps = complete_steps(out)
+    if cfg.resume:
+        if not steps:
+            raise CrosschipError(f"--resume: {out} holds no complete checkpoint", "start without --resume")
+        return steps[-1]
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise CrosschipError(
+                f"output directory {out} already exists and is not empty",
+                "pass --overwrite to replace it, --resume to continue it, or choose another --out",
+            )
+        clear_run_dir(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def clear_run_dir(out: Path) -> None:
+    """--overwrite removes what a crosschip run writes, and nothing else a user may keep there."""
+    for step in complete_steps(out):
+        shutil.rmtree(out / step_dir_name(step))
+    for name in (LATEST_POINTER, METRICS_FILE):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+
+
+@dataclass
+class RunInputs:
+    tokenizer: Any
+    shards: TokenShards
+    model: PreTrainedModel
+    model_source: dict[str, Any]
+
+
+def prepare_tokenizer(cfg: TrainConfig, resume_step: int | None) -> Any:
+    out = Path(cfg.out)
+    if resume_step is not None:
+        return load_tokenizer(out / step_dir_name(resume_step) / "model")
+    if cfg.tokenizer is not None:
+        return load_tokenizer(Path(cfg.tokenizer))
+    if cfg.model not in _preset_names():
+        tok = checkpoint.load_tokenizer_if_present(Path(cfg.model))
+        if tok is None:
+            raise CrosschipError(
+                f"checkpoint {cfg.model} has no tokenizer files",
+                "pass --tokenizer DIR with the tokenizer it was trained with",
+            )
+        return tok
+    return train_tokenizer(iter_documents(Path(cfg.data)), cfg.vocab_size, out / TOKENIZER_DIR)
+
+
+def _preset_names() -> set[str]:
+    from crosschip.models import PRESETS
+
+    return set(PRESETS)
+
+
+def prepare_model(cfg: TrainConfig, tokenizer: Any, resume_step: int | None) -> tuple[PreTrainedModel, dict]:
+    """A fresh preset model, a checkpoint to continue from, or the checkpoint of a resumed step."""
+    if resume_step is not None:
+        path = Path(cfg.out) / step_dir_name(resume_step) / "model"
+        model, ckpt = checkpoint.load_model(path)
+        return model.train(), (ckpt.manifest or {}).get("provenance", {}).get("model_source", {})
+    if cfg.model in _preset_names():
+        preset = get_preset(cfg.model)
+        special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        config = preset.build_config(len(tokenizer), *special)
+        return build_model(config, cfg.seed).train(), {"preset": preset.name, "arch": preset.arch}
+    model, ckpt = checkpoint.load_model(Path(cfg.model))
+    if model.config.vocab_size < len(tokenizer):
+        raise CrosschipError(
+            f"checkpoint vocab ({model.config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)})",
+            "use the tokenizer the checkpoint was trained with",
+        )
+    files = (ckpt.manifest or {}).get("files", {})
+    source = {"checkpoint": str(ckpt.path), "sha256": {k: v["sha256"] for k, v in files.items()}}
+    return model.train(), source
+
+
+def prepare_inputs(cfg: TrainConfig, resume_step: int | None, log: Callable[[str], None]) -> RunInputs:
+    tokenizer = prepare_tokenizer(cfg, resume_step)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    shards = build_shards(Path(cfg.data), tokenizer, cache, cfg.val_fraction, cfg.seed, progress=None)
+    log(f"data: {len(shards.train):,} train / {len(shards.val):,} val tokens ({shards.root})")
+    model, source = prepare_model(cfg, tokenizer, resume_step)
+    return RunInputs(tokenizer, shards, model, source)

@@ -1,0 +1,402 @@
+"""Tests for crosschip.data: corpus reading, tokenizer, token shards and batch loading."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jinja2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from crosschip.data import (
+    PackedBatches,
+    build_shards,
+    data_fingerprint,
+    eval_batches,
+    iter_documents,
+    list_data_files,
+    load_tokenizer,
+    stdlib_docstring_corpus,
+    tokenizer_fingerprint,
+    train_tokenizer,
+    unigram_entropy,
+)
+from crosschip.data.shards import is_val_document, token_dtype
+from crosschip.data.tokenizer import BOS_TOKEN, EOS_TOKEN, MIN_VOCAB_SIZE
+from crosschip.errors import CrosschipError
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "tensor",
+    "device",
+    "checkpoint",
+    "serve",
+    "convert",
+    "verify",
+]
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "." for _ in range(n)]
+
+
+def _write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    train_tokenizer(_sentences(300) + ["Grüße, 世界! 🤖 tabs\tand\nnewlines"], 400, out, model_max_length=128)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir: Path):
+    return load_tokenizer(tok_dir)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def test_reads_txt_jsonl_parquet_directory(tmp_path: Path) -> None:
+    (tmp_path / "a.TXT").write_text("doc from txt", encoding="utf-8")
+    (tmp_path / "blank.txt").write_text("  \n", encoding="utf-8")  # skipped: empty document
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "b.jsonl").write_text('{"text": "j1"}\n\n{"text": "j2", "id": 3}\n{"text": ""}\n', encoding="utf-8")
+    table = pa.table({"text": ["p1", None, "p2", "", "p3"], "other": [1, 2, 3, 4, 5]})
+    pq.write_table(table, sub / "c.parquet", row_group_size=2)  # several row groups
+    (tmp_path / "notes.md").write_text("ignored", encoding="utf-8")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "x.txt").write_text("hidden", encoding="utf-8")
+
+    files = list_data_files(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == [
+        "a.TXT",
+        "blank.txt",
+        "sub/b.jsonl",
+        "sub/c.parquet",
+    ]
+    assert list(iter_documents(tmp_path)) == ["doc from txt", "j1", "j2", "p1", "p2", "p3"]
+    assert list(iter_documents(sub / "b.jsonl")) == ["j1", "j2"]
+
+
+def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (path, text the error must contain)."""
+    (tmp / "empty").mkdir()
+    (tmp / "only_md").mkdir()
+    (tmp / "only_md" / "x.md").write_text("x", encoding="utf-8")
+    (tmp / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n', encoding="utf-8")
+    (tmp / "notext.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
+    pq.write_table(pa.table({"body": ["x"]}), tmp / "nocol.parquet")
+    (tmp / "fake.parquet").write_text("a,b\n1,2\n" * 10, encoding="utf-8")
+    (tmp / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp / "data.csv").write_text("text\nx\n", encoding="utf-8")
+    return {
+        "missing": (tmp / "nope", "does not exist"),
+        "empty_dir": (tmp / "empty", "is empty"),
+        "no_accepted": (tmp / "only_md", ".md"),
+        "bad_json_line": (tmp / "bad.jsonl", "bad.jsonl:2"),
+        "no_text_field": (tmp / "notext.jsonl", "notext.jsonl:1"),
+        "parquet_no_text": (tmp / "nocol.parquet", 'no "text" column'),
+        "not_parquet": (tmp / "fake.parquet", "PAR1"),
+        "bad_utf8": (tmp / "latin1.txt", "latin1.txt"),
+        "unsupported": (tmp / "data.csv", "unsupported"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty_dir",
+        "no_accepted",
+        "bad_json_line",
+        "no_text_field",
+        "parquet_no_text",
+        "not_parquet",
+        "bad_utf8",
+        "unsupported",
+    ],
+)
+def test_bad_inputs_raise_crosschip_error(tmp_path: Path, case: str) -> None:
+    path, needle = _bad_inputs(tmp_path)[case]
+    with pytest.raises(CrosschipError) as info:
+        list(iter_documents(path))
+    assert needle in str(info.value)
+    assert info.value.fix  # every data error tells the user what to do
+
+
+def test_data_fingerprint_content_and_location(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "x.txt").write_text("abc", encoding="utf-8")
+    (a / "y.jsonl").write_text('{"text": "q"}\n', encoding="utf-8")
+    fp = data_fingerprint(list_data_files(a))
+    shutil.copytree(a, tmp_path / "b")
+    assert data_fingerprint(list_data_files(tmp_path / "b")) == fp  # moving the corpus keeps the key
+    (a / "x.txt").write_text("abd", encoding="utf-8")  # same size, different content
+    assert data_fingerprint(list_data_files(a)) != fp
+
+
+def test_stdlib_docstring_corpus(tmp_path: Path) -> None:
+    out = stdlib_docstring_corpus(tmp_path / "c.jsonl", max_bytes=150_000)
+    data = out.read_bytes()
+    assert 100_000 < len(data) <= 150_000
+    docs = list(iter_documents(out))
+    assert len(docs) > 100
+    assert all(len(d) >= 40 for d in docs)
+    assert len(set(docs)) == len(docs)
+    again = stdlib_docstring_corpus(tmp_path / "d.jsonl", max_bytes=150_000)
+    assert again.read_bytes() == data  # deterministic
+
+
+def test_unigram_entropy() -> None:
+    assert unigram_entropy(np.array([0, 1, 2, 3] * 5, dtype=np.uint16), 10) == pytest.approx(math.log(4))
+    assert unigram_entropy(np.array([7, 7, 7]), 10) == pytest.approx(0.0)
+    with pytest.raises(CrosschipError):
+        unigram_entropy(np.array([1, 10]), 10)
+    with pytest.raises(CrosschipError):
+        unigram_entropy(np.array([], dtype=np.int64), 10)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip_and_no_auto_bos(tok) -> None:
+    text = "Grüße, 世界! 🤖 the lazy dog\n\ttabs  and  spaces ünseen ✓"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert ids[0] != tok.bos_token_id and ids[-1] != tok.eos_token_id
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
+    assert MIN_VOCAB_SIZE < len(tok) <= 400  # small corpora may run out of merges before the cap
+    assert tok.model_max_length == 128
+
+
+def test_tokenizer_loads_with_auto_tokenizer(tok, tok_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(tok_dir))
+    text = "the quick brown fox 🤖"
+    assert auto(text)["input_ids"] == tok(text)["input_ids"]
+    assert auto.bos_token == BOS_TOKEN and auto.eos_token == EOS_TOKEN
+    assert tokenizer_fingerprint(auto) == tokenizer_fingerprint(tok) == tokenizer_fingerprint(tok_dir)
+
+
+def test_chat_template(tok) -> None:
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == "<|bos|><|system|>\nBe brief.<|eos|>\n<|user|>\nhi<|eos|>\n<|assistant|>\n"
+    plain = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=False)
+    assert plain == text.removesuffix("<|assistant|>\n")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.bos_token_id
+    assert tok.convert_tokens_to_ids("<|assistant|>") in ids  # chat markers are single special tokens
+    with pytest.raises(jinja2.TemplateError):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+
+
+def test_tokenizer_bad_inputs(tmp_path: Path) -> None:
+    with pytest.raises(CrosschipError):
+        train_tokenizer(["abc"], MIN_VOCAB_SIZE - 1, tmp_path / "t")
+    with pytest.raises(CrosschipError):
+        train_tokenizer([], 300, tmp_path / "t")
+    with pytest.raises(CrosschipError):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_tokenizer_fingerprint_ignores_runtime_truncation(tmp_path: Path, tok_dir: Path) -> None:
+    tok = load_tokenizer(tok_dir)
+    fp = tokenizer_fingerprint(tok)
+    tok("the dog " * 50, truncation=True, max_length=8, padding="max_length")  # mutates the backend
+    assert tokenizer_fingerprint(tok) == fp
+    other = train_tokenizer(_sentences(300, seed=1), 300, tmp_path / "other")
+    assert tokenizer_fingerprint(other) != fp
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> Path:
+    return _write_jsonl(tmp_path / "corpus.jsonl", _sentences(80, seed=3))
+
+
+def test_token_dtype() -> None:
+    assert token_dtype(400) == np.uint16
+    assert token_dtype(65535) == np.uint16
+    assert token_dtype(65536) == np.uint32
+
+
+def test_shards_pack_documents(tok, corpus: Path, tmp_path: Path) -> None:
+    s = build_shards(corpus, tok, tmp_path / "cache", val_fraction=0.2, seed=0)
+    assert s.dtype == np.uint16 and s.train.dtype == np.uint16 and s.vocab_size == len(tok)
+    assert (s.root / "train.bin").stat().st_size == len(s.train) * 2
+    meta = json.loads((s.root / "index.json").read_text())
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 80
+    assert meta["splits"]["val"]["documents"] > 0 and meta["splits"]["train"]["documents"] > 0
+    docs = list(iter_documents(corpus))
+    expected_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 2 for d in docs)
+    assert len(s.train) + len(s.val) == expected_tokens
+    for split in (s.train, s.val):
+        assert split[0] == tok.bos_token_id and split[-1] == tok.eos_token_id
+    assert int((s.train == tok.bos_token_id).sum()) == meta["splits"]["train"]["documents"]
+    # The first train document decodes back to the first document that the split put in train.
+    first_train = next(d for i, d in enumerate(docs) if not is_val_document(i, 0, 0.2))
+    end = int(np.argmax(np.asarray(s.train) == tok.eos_token_id))
+    assert tok.decode(np.asarray(s.train[1:end]).tolist()) == first_train
+
+
+def test_shard_split_is_deterministic_by_seed(tok, corpus: Path, tmp_path: Path) -> None:
+    a = build_shards(corpus, tok, tmp_path / "c1", val_fraction=0.3, seed=0)
+    b = build_shards(corpus, tok, tmp_path / "c2", val_fraction=0.3, seed=0)
+    c = build_shards(corpus, tok, tmp_path / "c1", val_fraction=0.3, seed=1)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
+    assert a.root.name == b.root.name != c.root.name
+    assert not np.array_equal(a.val, c.val) or len(a.val) != len(c.val)
+
+
+def test_shard_cache_hit_does_not_retokenize(tok, corpus: Path, tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    first = build_shards(corpus, tok, tmp_path / "cache", progress=lambda d, n: calls.append((d, n)))
+    assert calls and calls[-1][0] == 80
+    stamp = {p.name: p.stat().st_mtime_ns for p in first.root.iterdir()}
+    calls.clear()
+    second = build_shards(corpus, tok, tmp_path / "cache", progress=lambda d, n: calls.append((d, n)))
+    assert calls == []
+    assert second.root == first.root
+    assert {p.name: p.stat().st_mtime_ns for p in second.root.iterdir()} == stamp
+    assert np.array_equal(second.train, first.train)
+    reference = np.array(first.train)
+    # A damaged entry is detected and rebuilt rather than trusted.
+    with open(first.root / "train.bin", "r+b") as f:
+        f.truncate(10)
+    third = build_shards(corpus, tok, tmp_path / "cache", progress=lambda d, n: calls.append((d, n)))
+    assert calls and np.array_equal(third.train, reference)
+
+
+def test_shard_cache_key_follows_content(tok, corpus: Path, tmp_path: Path) -> None:
+    a = build_shards(corpus, tok, tmp_path / "cache")
+    _write_jsonl(corpus, _sentences(80, seed=4))
+    assert build_shards(corpus, tok, tmp_path / "cache").root != a.root
+
+
+def test_crash_mid_tokenize_leaves_no_cache_entry(tok, corpus: Path, tmp_path: Path) -> None:
+    def boom(docs: int, tokens: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_shards(corpus, tok, tmp_path / "cache", progress=boom)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_tiny_corpora(tok, tmp_path: Path) -> None:
+    two = _write_jsonl(tmp_path / "two.jsonl", ["the dog", "the fox"])
+    s = build_shards(two, tok, tmp_path / "cache", val_fraction=0.01)
+    assert s.meta["splits"]["train"]["documents"] == 1 and s.meta["splits"]["val"]["documents"] == 1
+    assert s.meta["splits"]["train"]["tokens"] == len(s.train) and len(s.train) > 2
+    with pytest.raises(CrosschipError, match="at least 2 documents"):
+        build_shards(_write_jsonl(tmp_path / "one.jsonl", ["lonely"]), tok, tmp_path / "cache")
+    with pytest.raises(CrosschipError, match="no non-empty documents"):
+        build_shards(_write_jsonl(tmp_path / "none.jsonl", ["", ""]), tok, tmp_path / "cache")
+    with pytest.raises(CrosschipError):
+        build_shards(two, tok, tmp_path / "cache", val_fraction=0.0)
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def _stream(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.uint16)
+
+
+def test_batches_are_shifted_windows() -> None:
+    loader = PackedBatches(_stream(1001), batch_size=4, seq_len=10, seed=0)
+    assert loader.n_windows == 100 and len(loader) == 25
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, 10) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y, x + 1)
+    assert all(int(row[0]) % 10 == 0 for row in x)  # windows start on the stride grid
+    x.zero_()  # a fresh copy: scribbling on it must not touch the stream
+    assert int(loader.tokens[11]) == 11
+
+
+def test_epoch_visits_every_window_once_and_is_seeded() -> None:
+    a = PackedBatches(_stream(1001), batch_size=5, seq_len=10, seed=7)
+    b = PackedBatches(_stream(1001), batch_size=5, seq_len=10, seed=7)
+    c = PackedBatches(_stream(1001), batch_size=5, seq_len=10, seed=8)
+    firsts = []
+    for _ in range(len(a)):
+        xa, _ = a.next_batch()
+        xb, _ = b.next_batch()
+        assert torch.equal(xa, xb)
+        firsts.extend(int(v) // 10 for v in xa[:, 0])
+    assert sorted(firsts) == list(range(100))
+    assert firsts != sorted(firsts)  # shuffled
+    assert not torch.equal(c.next_batch()[0], PackedBatches(_stream(1001), 5, 10, seed=7).next_batch()[0])
+    assert a.state_dict()["epoch"] == 0 and a.next_batch() and a.state_dict()["epoch"] == 1
+
+
+def test_state_dict_resume_is_exact() -> None:
+    ref = PackedBatches(_stream(501), batch_size=3, seq_len=10, seed=1)  # 50 windows: epochs wrap mid-batch
+    for _ in range(15):
+        ref.next_batch()
+    state = json.loads(json.dumps(ref.state_dict()))  # plain ints survive a JSON round trip
+    expected = [ref.next_batch() for _ in range(30)]  # crosses an epoch boundary
+    resumed = PackedBatches(_stream(501), batch_size=3, seq_len=10, seed=1)
+    resumed.load_state_dict(state)
+    for (ex, ey), (rx, ry) in zip(expected, (resumed.next_batch() for _ in range(30)), strict=True):
+        assert torch.equal(ex, rx) and torch.equal(ey, ry)
+    with pytest.raises(CrosschipError, match="seq_len"):
+        PackedBatches(_stream(501), batch_size=3, seq_len=5, seed=1).load_state_dict(state)
+
+
+def test_rank_sharding_is_disjoint() -> None:
+    world = 3
+    seen: list[set[int]] = []
+    for rank in range(world):
+        loader = PackedBatches(_stream(1001), batch_size=3, seq_len=10, seed=0, rank=rank, world_size=world)
+        assert loader.windows_per_rank == 33 and len(loader) == 11
+        starts = {int(x[i, 0]) for x, _ in (loader.next_batch() for _ in range(11)) for i in range(3)}
+        assert len(starts) == 33
+        seen.append(starts)
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    with pytest.raises(CrosschipError):
+        PackedBatches(_stream(1001), batch_size=3, seq_len=10, seed=0, rank=3, world_size=3)
+
+
+def test_short_stream_errors() -> None:
+    with pytest.raises(CrosschipError, match="seq-len"):
+        PackedBatches(_stream(10), batch_size=1, seq_len=10, seed=0)
+    with pytest.raises(CrosschipError, match="seq-len"):
+        list(eval_batches(_stream(5), batch_size=1, seq_len=8, max_batches=None))
+
+
+def test_eval_batches_fixed_order() -> None:
+    batches = list(eval_batches(_stream(101), batch_size=4, seq_len=10, max_batches=None))
+    assert [x.shape[0] for x, _ in batches] == [4, 4, 2]
+    starts = [int(v) for x, _ in batches for v in x[:, 0]]
+    assert starts == list(range(0, 100, 10))
+    assert all(torch.equal(y, x + 1) for x, y in batches)
+    again = list(eval_batches(_stream(101), batch_size=4, seq_len=10, max_batches=2))
+    assert len(again) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(again, batches[:2], strict=False))
