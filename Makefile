@@ -16,7 +16,7 @@ venv: $(BIN)/python
 	$(BIN)/pip install -q -e ".[test]"
 
 demo: venv
-	HF_HUB_OFFLINE=1 $(BIN)/crosschip demo
+	HF_HUB_OFFLINE=1 $(BIN)/crosschip demo --overwrite
 
 test: venv
 	$(BIN)/ruff check src tests benchmarks

@@ -27,7 +27,10 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 import crosschip
 from crosschip.errors import CrosschipError
-from crosschip.fsio import atomic_dir, atomic_write_json
+from crosschip.fsio import atomic_dir, atomic_write_json, normalize_modes
+
+# crosschip reports its own progress; transformers' per-call bars would interleave with it.
+transformers.utils.logging.disable_progress_bar()
 
 MANIFEST_NAME = "crosschip.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -71,12 +74,26 @@ def resolve_checkpoint_dir(path: Path) -> Path:
         return path
     pointer = path / LATEST_POINTER
     if pointer.is_file():
-        step_dir = safe_member(path, pointer.read_text().strip(), f"{pointer}")
-        return step_dir / "model"
+        model_dir = safe_member(path, pointer.read_text().strip(), f"{pointer}") / "model"
+        if not (model_dir / "config.json").is_file():
+            raise CrosschipError(
+                f"{pointer} names {model_dir.parent.name!r}, which holds no checkpoint (deleted or incomplete)",
+                f"write an existing step-N directory name into {pointer}, or pass a step's model/ folder",
+            )
+        return model_dir
     raise CrosschipError(
         f"{path} is not a checkpoint: no config.json (nor a training run's '{LATEST_POINTER}' file)",
         "pass the directory that holds config.json and the safetensors files",
     )
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """Tensor names in a safetensors header; a torn or foreign file is a CrosschipError."""
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            return list(f.keys())  # noqa: SIM118 - safe_open has no __iter__
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CrosschipError(f"{path} is not a readable safetensors file ({e})", "re-copy the file") from e
 
 
 def weight_files(root: Path) -> dict[str, str]:
@@ -87,6 +104,8 @@ def weight_files(root: Path) -> dict[str, str]:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CrosschipError(f"{index_path} is not a valid safetensors index ({e})", "re-create it") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CrosschipError(f"{index_path}: weight_map is not a {{tensor: file}} table", "re-create it")
         for name in set(weight_map.values()):
             if not safe_member(root, name, str(index_path)).is_file():
                 raise CrosschipError(
@@ -94,10 +113,9 @@ def weight_files(root: Path) -> dict[str, str]:
                     "copy the missing shard or re-save the checkpoint",
                 )
         return dict(weight_map)
-    single = root / SINGLE_NAME
-    if single.is_file():
-        with safetensors.safe_open(single, "pt") as f:
-            return {k: SINGLE_NAME for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    if (root / SINGLE_NAME).is_file():
+        # Through safe_member too: a model.safetensors symlink may point anywhere.
+        return {k: SINGLE_NAME for k in _tensor_names(safe_member(root, SINGLE_NAME, str(root)))}
     raise CrosschipError(
         f"checkpoint {root} has no weights ({SINGLE_NAME} or {INDEX_NAME})",
         "only safetensors checkpoints are loaded; convert .bin/.pt weights to safetensors first",
@@ -118,6 +136,17 @@ class Checkpoint:
         return sorted(set(self.weight_map.values()))
 
 
+def _manifest_files(root: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's {name: {"sha256", "bytes"}} table, checked for shape (a hand-edited one may not be)."""
+    files = manifest.get("files", {})
+    well_formed = isinstance(files, dict) and all(
+        isinstance(meta, dict) and {"sha256", "bytes"} <= meta.keys() for meta in files.values()
+    )
+    if not well_formed:
+        raise CrosschipError(f"{root / MANIFEST_NAME} has a malformed 'files' table", "restore it from the original")
+    return files
+
+
 def verify_manifest(root: Path, manifest: dict[str, Any]) -> None:
     """Check every file the manifest lists is present with the recorded sha256."""
     version = manifest.get("format_version")
@@ -126,7 +155,7 @@ def verify_manifest(root: Path, manifest: dict[str, Any]) -> None:
             f"{root / MANIFEST_NAME} has format_version {version!r}; this crosschip reads {FORMAT_VERSION}",
             "upgrade crosschip or re-save the checkpoint",
         )
-    for name, meta in manifest.get("files", {}).items():
+    for name, meta in _manifest_files(root, manifest).items():
         path = safe_member(root, name, MANIFEST_NAME)
         if not path.is_file():
             raise CrosschipError(f"checkpoint {root} is incomplete: {name} is missing", "re-copy the checkpoint")
@@ -262,6 +291,7 @@ def write_checkpoint(
         _ensure_index(model_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(model_dir)
+        normalize_modes(model_dir)  # transformers writes 0600 shards; a hand-off must be readable by others
         summary = {
             "architecture": type(model).__name__,
             "model_type": model.config.model_type,

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from crosschip.errors import CrosschipError
 
@@ -126,9 +127,9 @@ def train(
             f"trained {result.steps} steps on {result.device} ({result.precision}): loss {result.train_loss:.4f}, "
             f"val {val}, {result.tokens_per_s:,.0f} tok/s\ncheckpoint: {result.checkpoint}", highlight=False,
         )
-    if result.interrupted_by:
+    if result.interrupted_by in ("SIGINT", "SIGTERM"):
         err.print(f"stopped by {result.interrupted_by}; checkpoint saved. Continue with --resume.")
-        raise typer.Exit(130)
+        raise typer.Exit(130 if result.interrupted_by == "SIGINT" else 143)
 
 
 @app.command()
@@ -146,9 +147,16 @@ def generate(
     from crosschip.generate import SamplingParams, generate_text
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    generate_text(ckpt, prompt, params, device, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    started: list[bool] = []
+
+    def emit(text: str) -> None:
+        if not started:  # echo the prompt only once the checkpoint has loaded and generation runs
+            started.append(True)
+            sys.stdout.write(prompt)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate_text(ckpt, prompt, params, device, on_text=emit)
     sys.stdout.write("\n")
 
 
@@ -157,12 +165,13 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its corpus and run.")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option(help="Training steps (default: fit the time budget).")] = None,
     minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 6.0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing demo directory.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """The whole pipeline on embedded defaults: corpus, tokenizer, training, checkpoint, sample."""
     from crosschip.demo import run_demo
 
-    summary = run_demo(workdir, steps=steps, minutes=minutes, console=err)
+    summary = run_demo(workdir, steps=steps, minutes=minutes, console=err, overwrite=overwrite)
     if json_out:
         _print_json(summary)
 
@@ -172,7 +181,10 @@ def main() -> None:
     try:
         rc = app(standalone_mode=False)  # returns the code of a typer.Exit
     except CrosschipError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # A Text, not markup: messages quote user paths/values, and '[/x]' or ':smile:' in them must print
+        # verbatim (markup would raise MarkupError). soft_wrap + joined lines: the error stays one line.
+        message = " ".join(str(e).splitlines())
+        err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

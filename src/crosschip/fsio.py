@@ -20,6 +20,20 @@ def _umask() -> int:
     return mask
 
 
+def default_mode(directory: bool = False) -> int:
+    """The mode open()/mkdir() would give a new file/directory under the current umask (0644/0755 usually)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def normalize_modes(root: Path) -> None:
+    """Give every file below root the default mode: some writers (transformers' safetensors shards,
+    mkstemp) create 0600 files, which other users and serving processes then cannot read."""
+    file_mode = default_mode()
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), file_mode)
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename inside it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
@@ -48,7 +62,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes 0600 files; a checkpoint must be readable like any normally created file.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -86,7 +100,7 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     check_output_dir(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
+    os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700 directories
     try:
         yield tmp
         fsync_tree(tmp)

@@ -41,19 +41,21 @@ class TrainConfig:
     shard_size: str = "2GB"
     overwrite: bool = False
     resume: bool = False
+    time_budget_s: float | None = None  # stop early (and save) once training has run this long
     cache_dir: Path | None = None  # token shard cache; default <out>/../.crosschip-cache
 
     def validate(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise CrosschipError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+                flag = f"--{name.replace('_', '-')}"
+                raise CrosschipError(f"{flag} must be >= 1 (got {getattr(self, name)})", f"pass {flag} 1 or more")
         if not 0 < self.lr < 1:
-            raise CrosschipError(f"--lr must be in (0, 1) (got {self.lr})")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise CrosschipError(f"--warmup-steps must be in [0, --steps] (got {self.warmup_steps})")
+            raise CrosschipError(f"--lr must be in (0, 1) (got {self.lr})", "pass e.g. --lr 3e-4")
+        if self.warmup_steps < 0:
+            raise CrosschipError(f"--warmup-steps must be >= 0 (got {self.warmup_steps})", "pass 0 or more")
         if not 0 < self.val_fraction < 0.5:
-            raise CrosschipError(f"--val-fraction must be in (0, 0.5) (got {self.val_fraction})")
+            raise CrosschipError(f"--val-fraction must be in (0, 0.5) (got {self.val_fraction})", "pass e.g. 0.05")
         if self.resume and self.overwrite:
             raise CrosschipError("--resume and --overwrite contradict each other", "pass only one of them")
 

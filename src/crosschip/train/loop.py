@@ -25,7 +25,14 @@ from crosschip.data.loader import PackedBatches, eval_batches
 from crosschip.train.config import TrainConfig
 from crosschip.train.report import Reporter
 from crosschip.train.schedule import lr_at
-from crosschip.train.setup import METRICS_FILE, RunInputs, check_inputs, prepare_inputs, prepare_out_dir
+from crosschip.train.setup import (
+    METRICS_FILE,
+    RunInputs,
+    check_inputs,
+    open_out_dir,
+    prepare_inputs,
+    resume_step_of,
+)
 from crosschip.train.state import dist_info, load_train_state, mark_latest, prune, save_train_state, step_dir_name
 
 
@@ -40,7 +47,7 @@ class TrainResult:
     elapsed_s: float
     device: str
     precision: str
-    interrupted_by: str | None = None
+    interrupted_by: str | None = None  # SIGINT, SIGTERM or 'time budget'
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -123,8 +130,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.out)
         check_inputs(cfg)  # fail on bad data or model before anything is written
-        resume_step = prepare_out_dir(cfg)
+        resume_step = resume_step_of(cfg)
         self.inputs: RunInputs = prepare_inputs(cfg, resume_step, reporter.log)
+        open_out_dir(cfg, resume_step)
         self.model = self.inputs.model.to(self.device)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = make_optimizer(self.model, cfg, self.device)
@@ -186,7 +194,8 @@ class Trainer:
         prune(self.out, self.cfg.keep)
         return final / "model"
 
-    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, window: tuple[float, int]) -> dict:
+    def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, window: tuple[float, int],
+                  with_eval: bool) -> dict:
         self.last_loss = loss.item()
         t0, tokens0 = window
         dt = max(time.perf_counter() - t0, 1e-9)
@@ -195,7 +204,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen, "tokens_per_s": round((self.tokens_seen - tokens0) / dt, 1),
             "elapsed_s": round(self.elapsed, 3),
         }
-        if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+        if with_eval:
             self.last_val = evaluate(self.step_model, self.inputs.shards.val, self.cfg, self.device, self.precision)
             row["val_loss"] = round(self.last_val, 6)
             row["val_ppl"] = round(float(torch.tensor(self.last_val).exp()), 3)
@@ -204,40 +213,53 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         return row
 
+    def _over_budget(self, run_t0: float) -> bool:
+        budget = self.cfg.time_budget_s
+        return budget is not None and time.perf_counter() - run_t0 > budget
+
+    def _one_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        lr = lr_at(self.step, self.cfg.steps, self.cfg.lr, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t = time.perf_counter()
+        loss, grad_norm = train_step(
+            self.step_model, self.optimizer, self.scaler, self.loader, self.cfg, self.device, self.precision
+        )
+        self.step += 1
+        self.tokens_seen += self.cfg.tokens_per_step * self.world_size
+        self.elapsed += time.perf_counter() - t
+        return loss, grad_norm, lr
+
     def run(self) -> TrainResult:
+        """Train to cfg.steps; a signal or the time budget ends the run early, always with a save."""
         cfg, history = self.cfg, []
-        run_t0, run_tokens0 = time.perf_counter(), self.tokens_seen
+        run_t0, tokens0, elapsed0 = time.perf_counter(), self.tokens_seen, self.elapsed
         window = (run_t0, self.tokens_seen)
-        interrupted: str | None = None
+        stopped_by: str | None = None
         self.reporter.start(cfg.steps, self.step)
         with stop_on_signals() as received:
-            while self.step < cfg.steps:
-                if received:
-                    interrupted = signal.Signals(received[0]).name
-                    break
-                lr = lr_at(self.step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                t = time.perf_counter()
-                loss, grad_norm = train_step(
-                    self.step_model, self.optimizer, self.scaler, self.loader, cfg, self.device, self.precision
-                )
-                self.step += 1
-                self.tokens_seen += cfg.tokens_per_step * self.world_size
-                self.elapsed += time.perf_counter() - t
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    history.append(self._log_step(loss, grad_norm, lr, window))
+            while self.step < cfg.steps and stopped_by is None:
+                loss, grad_norm, lr = self._one_step()
+                out_of_time = self._over_budget(run_t0)
+                final = self.step == cfg.steps or out_of_time or bool(received)
+                eval_due = final or self.step % cfg.eval_every == 0
+                if eval_due or self.step % cfg.log_every == 0:
+                    history.append(self._log_step(loss, grad_norm, lr, window, with_eval=eval_due))
                     self.reporter.update(self.step, history[-1])
                     window = (time.perf_counter(), self.tokens_seen)
-                if self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                if received:
+                    stopped_by = signal.Signals(received[0]).name
+                elif out_of_time:
+                    stopped_by = "time budget"
+                elif self.step % cfg.save_every == 0 and not final:
                     self.save()
             path = self.save()
         self.reporter.close()
-        wall = time.perf_counter() - run_t0
+        step_time = max(self.elapsed - elapsed0, 1e-9)  # optimizer steps only: no eval, no saves
         return TrainResult(
             path, self.step, self.tokens_seen, self.last_loss, self.last_val,
-            (self.tokens_seen - run_tokens0) / max(wall, 1e-9), wall, str(self.device), self.precision,
-            interrupted, history,
+            (self.tokens_seen - tokens0) / step_time, time.perf_counter() - run_t0, str(self.device),
+            self.precision, stopped_by, history,
         )
 
 

@@ -9,6 +9,7 @@ import math
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    warmup = min(warmup, total)  # a short run with the default warmup still reaches its peak
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,6 @@ from crosschip.models import build_model, get_preset
 from crosschip.train.config import TrainConfig
 from crosschip.train.state import LATEST_POINTER, complete_steps, step_dir_name
 
-TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -42,8 +42,8 @@ def check_inputs(cfg: TrainConfig) -> None:
         raise CrosschipError(f"--tokenizer {cfg.tokenizer} is not a directory", "pass a tokenizer directory")
 
 
-def prepare_out_dir(cfg: TrainConfig) -> int | None:
-    """Check the output directory against --resume/--overwrite; return the step to resume from."""
+def resume_step_of(cfg: TrainConfig) -> int | None:
+    """Check the output directory against --resume/--overwrite (writes nothing); the step to resume from."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise CrosschipError(f"--out {out} exists and is not a directory", "choose another --out")
@@ -52,15 +52,20 @@ def prepare_out_dir(cfg: TrainConfig) -> int | None:
         if not steps:
             raise CrosschipError(f"--resume: {out} holds no complete checkpoint", "start without --resume")
         return steps[-1]
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise CrosschipError(
-                f"output directory {out} already exists and is not empty",
-                "pass --overwrite to replace it, --resume to continue it, or choose another --out",
-            )
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise CrosschipError(
+            f"output directory {out} already exists and is not empty",
+            "pass --overwrite to replace it, --resume to continue it, or choose another --out",
+        )
+    return None
+
+
+def open_out_dir(cfg: TrainConfig, resume_step: int | None) -> None:
+    """Called once the inputs are known good: only then is an old run cleared (--overwrite)."""
+    out = Path(cfg.out)
+    if resume_step is None and out.exists():
         clear_run_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def clear_run_dir(out: Path) -> None:
@@ -69,7 +74,6 @@ def clear_run_dir(out: Path) -> None:
         shutil.rmtree(out / step_dir_name(step))
     for name in (LATEST_POINTER, METRICS_FILE):
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
 
 
 @dataclass
@@ -94,7 +98,10 @@ def prepare_tokenizer(cfg: TrainConfig, resume_step: int | None) -> Any:
                 "pass --tokenizer DIR with the tokenizer it was trained with",
             )
         return tok
-    return train_tokenizer(iter_documents(Path(cfg.data)), cfg.vocab_size, out / TOKENIZER_DIR)
+    # Trained in a scratch dir: the tokenizer lives in memory and ships inside every checkpoint,
+    # and nothing is written under --out before all inputs are known to be good.
+    with tempfile.TemporaryDirectory(prefix="crosschip-tok-") as scratch:
+        return train_tokenizer(iter_documents(Path(cfg.data)), cfg.vocab_size, Path(scratch))
 
 
 def _preset_names() -> set[str]:

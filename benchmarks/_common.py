@@ -1,0 +1,69 @@
+"""Helpers shared by the benchmark scripts (run them as `python benchmarks/<script>.py`)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crosschip import devices
+from crosschip.data import iter_documents, stdlib_docstring_corpus, train_tokenizer
+
+CORPUS_NAME = "corpus.jsonl"
+TOKENIZER_NAME = "tokenizer"
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so that `--json` output on stdout stays machine-readable."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_corpus(workdir: Path, max_bytes: int) -> Path:
+    """The stdlib docstring corpus in `workdir` (reused if present). Needs no network: it is the
+    running interpreter's own standard library docstrings."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus = workdir / CORPUS_NAME
+    if not corpus.is_file():
+        log(f"writing stdlib docstring corpus ({max_bytes:,} bytes max) to {corpus}")
+        stdlib_docstring_corpus(corpus, max_bytes=max_bytes)
+    return corpus
+
+
+def prepare_data(workdir: Path, max_bytes: int, vocab_size: int) -> tuple[Path, Path]:
+    """The stdlib docstring corpus and a tokenizer trained on it, in `workdir` (both reused if present)."""
+    corpus = prepare_corpus(workdir, max_bytes)
+    tok_dir = workdir / TOKENIZER_NAME
+    if not (tok_dir / "tokenizer.json").is_file():
+        log(f"training a {vocab_size}-token BPE tokenizer into {tok_dir}")
+        train_tokenizer(iter_documents(corpus), vocab_size, tok_dir)
+    return corpus, tok_dir
+
+
+def first_documents(corpus: Path, count: int, min_chars: int = 200) -> list[str]:
+    """The first `count` documents of at least `min_chars` characters (deterministic)."""
+    docs = [d for d in iter_documents(corpus) if len(d) >= min_chars]
+    return docs[:count]
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on, for the printed header and the JSON record."""
+    info: dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": devices.device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cpu":
+        info["isa_flags"] = devices.cpu_isa_flags()
+    return info
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=False))

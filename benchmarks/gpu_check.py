@@ -1,0 +1,264 @@
+"""Accelerator checks, written to run unchanged on a CUDA (or Ascend) machine.
+
+Each check is a function in the CHECKS registry (name -> function taking a Context); later issues
+append checks there (fp8 on Hopper, `crosschip verify` on cuda, ...). One line per check:
+PASS / FAIL / SKIP with its figures; `--json` prints one JSON object instead. Exit status: 1 if any
+check FAILs, else 0. A missing device is a SKIP (exit 0) unless `--require` makes it a failure.
+
+    python benchmarks/gpu_check.py --device cuda --require    # on the GPU machine
+    python benchmarks/gpu_check.py --device cpu               # dry run here: bf16 autocast on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import first_documents, log, machine, prepare_corpus, print_json
+from crosschip import devices
+from crosschip.checkpoint import load_model, load_tokenizer_if_present
+from crosschip.errors import CrosschipError
+from crosschip.generate import SamplingParams, generate
+from crosschip.train.config import TrainConfig
+from crosschip.train.loop import train
+from crosschip.train.report import NullReporter
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+
+# bf16 keeps 8 significant bits: each autocast matmul input and output is rounded by up to 2^-9
+# relative, so the logits (themselves a bf16 matmul output) carry ~0.2-0.5% of their scale in error
+# (the CPU dry run: max |delta| 0.019 at max |logit| 4.9, 0.4%). A wrong tensor, layout, rope or
+# dtype bug moves them by tens of percent; even one MLP scaled by 1.1 moves them 4.4% here. So
+# "within bf16 tolerance" is |delta logit| <= ATOL + RTOL * max|logit| with 2%: ~5x the expected
+# error (headroom for GPU kernels that round differently), below the smallest bug we tried.
+LOGIT_RTOL = 0.02
+LOGIT_ATOL = 0.02
+# Where the fp32 model's top two logits are closer than that tolerance, bf16 may legitimately pick
+# the other token, so a top-1 or greedy disagreement only FAILs when the fp32 margin between the two
+# picks exceeds the tolerance. The plain agreement rate must still be high: a model whose every
+# position is a near-tie would otherwise pass vacuously.
+MIN_TOP1_AGREEMENT = 0.9
+
+FOUNDATION_PROMPTS = ("Return the", "This module provides", "Create a new", "If the value is")
+FOUNDATION_NEW_TOKENS = 24
+FOUNDATION_STEPS = 50
+
+
+@dataclass
+class Context:
+    device: torch.device
+    workdir: Path
+    seed: int = 0
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str  # PASS | FAIL | SKIP
+    summary: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+CheckFn = Callable[[Context], CheckResult]
+CHECKS: dict[str, CheckFn] = {}
+
+
+def register(name: str) -> Callable[[CheckFn], CheckFn]:
+    def add(fn: CheckFn) -> CheckFn:
+        CHECKS[name] = fn
+        return fn
+
+    return add
+
+
+# ---------------------------------------------------------------- foundation: train bf16 on device, load on CPU
+
+
+def _train_tiny(ctx: Context) -> Path:
+    """50 bf16 steps of the tiny preset through `crosschip train`'s own code path (TrainConfig + train())."""
+    corpus = prepare_corpus(ctx.workdir, max_bytes=400_000)
+    cfg = TrainConfig(
+        data=corpus, model="tiny", out=ctx.workdir / "run", device=str(ctx.device), precision="bf16",
+        steps=FOUNDATION_STEPS, batch_size=8, seq_len=128, warmup_steps=5, vocab_size=2048,
+        eval_every=FOUNDATION_STEPS, eval_batches=2, save_every=FOUNDATION_STEPS, seed=ctx.seed,
+        overwrite=True, cache_dir=ctx.workdir / "cache",
+    )
+    log(f"foundation: training tiny for {FOUNDATION_STEPS} steps in bf16 on {ctx.device} ...")
+    result = train(cfg, NullReporter())
+    log(f"foundation: train loss {result.train_loss:.3f}, val loss {result.val_loss:.3f}, {result.checkpoint}")
+    return result.checkpoint
+
+
+def _teacher_forced_batch(corpus: Path, tokenizer: Any, rows: int = 4, seq_len: int = 96) -> torch.Tensor:
+    """A fixed [rows, seq_len] batch cut from BOS-prefixed corpus documents, as training packs them."""
+    stream: list[int] = []
+    for doc in first_documents(corpus, count=64):
+        stream += [tokenizer.bos_token_id, *tokenizer(doc, add_special_tokens=False)["input_ids"]]
+        if len(stream) >= rows * seq_len:
+            break
+    if len(stream) < rows * seq_len:
+        raise CrosschipError(f"corpus {corpus} holds under {rows * seq_len} tokens", "use a larger corpus")
+    return torch.tensor(stream[: rows * seq_len]).view(rows, seq_len)
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module, ids: torch.Tensor, precision: str) -> torch.Tensor:
+    device = next(model.parameters()).device
+    with devices.autocast(device, precision):
+        return model(input_ids=ids.to(device)).logits.float().cpu()
+
+
+def _compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict[str, Any]:
+    """Reference (fp32) vs test (bf16) logits [B, S, V]: error, top-1 agreement, unexplained flips."""
+    tol = LOGIT_ATOL + LOGIT_RTOL * float(ref.abs().max())
+    top_ref, top_test = ref.argmax(-1), test.argmax(-1)
+    flips = top_ref != top_test
+    # fp32 margin between the two picks: how close to a tie the flipped positions were.
+    margin = ref.gather(-1, top_ref[..., None]) - ref.gather(-1, top_test[..., None])
+    unexplained = int((flips & (margin[..., 0] > tol)).sum())
+    return {
+        "positions": int(flips.numel()),
+        "max_abs_logit_diff": float((ref - test).abs().max()),
+        "logit_scale": float(ref.abs().max()),
+        "tolerance": tol,
+        "top1_agreement": 1.0 - float(flips.float().mean()),
+        "top1_unexplained_flips": unexplained,
+    }
+
+
+def _first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+
+
+def _compare_greedy(
+    ref_model: torch.nn.Module, test_model: torch.nn.Module, prompts: list[list[int]], tol: float
+) -> list[dict[str, Any]]:
+    """Greedy continuations (no EOS stop, so both always run the full length), fp32 vs bf16."""
+    params = SamplingParams(max_new_tokens=FOUNDATION_NEW_TOKENS, temperature=0.0)
+    test_device = next(test_model.parameters()).device
+    out = []
+    for ids in prompts:
+        ref = generate(ref_model, ids, params)
+        with devices.autocast(test_device, "bf16"):
+            test = generate(test_model, ids, params)
+        k = _first_divergence(ref, test)
+        row: dict[str, Any] = {"identical": k is None, "first_divergence": k, "explained_by_tie": None}
+        if k is not None:  # does the fp32 model see a near-tie where the two continuations part?
+            last = _logits(ref_model, torch.tensor([ids + ref[:k]]), "fp32")[0, -1]
+            row["fp32_margin"] = float(last[ref[k]] - last[test[k]])
+            row["explained_by_tie"] = row["fp32_margin"] <= tol
+        out.append(row)
+    return out
+
+
+@register("foundation")
+def check_foundation(ctx: Context) -> CheckResult:
+    """Train tiny in bf16 on the device, save, reload on CPU in fp32 and on the device in bf16; compare."""
+    name = "foundation"
+    if "bf16" not in devices.train_precisions(ctx.device):
+        return CheckResult(name, SKIP, f"{ctx.device} has no native bf16")
+    ckpt = _train_tiny(ctx)
+    cpu_model, _ = load_model(ckpt, "cpu")  # fp32: the reference
+    dev_model, _ = load_model(ckpt, ctx.device)  # fp32 weights, bf16 autocast as in training
+    tokenizer = load_tokenizer_if_present(ckpt)
+    batch = _teacher_forced_batch(ctx.workdir / "corpus.jsonl", tokenizer)
+    figures = _compare_logits(_logits(cpu_model, batch, "fp32"), _logits(dev_model, batch, "bf16"))
+    prompts = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]]
+               for p in FOUNDATION_PROMPTS]
+    greedy = _compare_greedy(cpu_model, dev_model, prompts, figures["tolerance"])
+    figures["greedy"] = greedy
+    figures["greedy_identical"] = sum(g["identical"] for g in greedy)
+    problems = []
+    if figures["max_abs_logit_diff"] > figures["tolerance"]:
+        problems.append("logit difference beyond bf16 tolerance")
+    if figures["top1_agreement"] < MIN_TOP1_AGREEMENT:
+        problems.append(f"top-1 agreement below {MIN_TOP1_AGREEMENT}")
+    if figures["top1_unexplained_flips"]:
+        problems.append("top-1 flips where fp32 has a clear winner")
+    if any(g["explained_by_tie"] is False for g in greedy):
+        problems.append("greedy continuation diverges where fp32 has a clear winner")
+    divergences = [g["first_divergence"] for g in greedy]
+    summary = (
+        f"max|dlogit| {figures['max_abs_logit_diff']:.4f} (tol {figures['tolerance']:.4f}), "
+        f"top-1 agreement {figures['top1_agreement']:.3f} over {figures['positions']} positions, "
+        f"greedy identical {figures['greedy_identical']}/{len(greedy)} (first divergence {divergences})"
+    )
+    if problems:
+        summary += "; " + "; ".join(problems)
+    return CheckResult(name, FAIL if problems else PASS, summary, figures)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="device to check (default: cuda; cpu for a dry run)")
+    p.add_argument("--require", action="store_true", help="fail (exit 1) instead of skipping without the device")
+    p.add_argument("--check", action="append", choices=sorted(CHECKS), help="run only these (repeatable)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep corpus, run and checkpoints here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    return p.parse_args(argv)
+
+
+def available_device(spec: str) -> torch.device | None:
+    """The device, or None if this machine has none of that kind (a bad spelling still raises)."""
+    kind = devices.parse_device(spec).kind
+    if kind != "auto" and not devices.is_available(kind):
+        return None
+    return devices.resolve_device(spec)
+
+
+def run_checks(names: list[str], ctx: Context) -> list[CheckResult]:
+    results = []
+    for name in names:
+        try:
+            results.append(CHECKS[name](ctx))
+        except CrosschipError as e:  # bad environment or input: a failed check, not a traceback
+            results.append(CheckResult(name, FAIL, f"error: {e}"))
+    return results
+
+
+def report(results: list[CheckResult], device: str, as_json: bool, extra: dict[str, Any]) -> None:
+    if as_json:
+        print_json({"device": device, **extra, "checks": [asdict(r) for r in results]})
+        return
+    for r in results:
+        print(f"{r.status} {r.name}: {r.summary}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = args.check or list(CHECKS)
+    try:
+        device = available_device(args.device)
+    except CrosschipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return CrosschipError.exit_code
+    if device is None:
+        status = FAIL if args.require else SKIP
+        why = f"no {devices.parse_device(args.device).kind} device"
+        results = [CheckResult(n, status, why) for n in names]
+        report(results, args.device, args.json, {"machine": machine(torch.device("cpu"))})
+        if not args.json:
+            print(f"{'FAILED' if args.require else 'SKIPPED'}: {why}")
+        return 1 if args.require else 0
+    if args.workdir is not None:
+        results = run_checks(names, Context(device, args.workdir, args.seed))
+    else:
+        with tempfile.TemporaryDirectory(prefix="crosschip-gpu-check-") as tmp:
+            results = run_checks(names, Context(device, Path(tmp), args.seed))
+    report(results, str(device), args.json, {"machine": machine(device)})
+    return 1 if any(r.status == FAIL for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""`crosschip demo`: the pipeline on embedded defaults, as a list of steps later stages extend.
+
+Runs offline on a 2-core CPU: the corpus is the running interpreter's standard-library
+docstrings (real technical English every machine has), the model is the `small` preset.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from crosschip import devices, perf
+from crosschip.data.corpus import stdlib_docstring_corpus, unigram_entropy
+from crosschip.errors import CrosschipError
+from crosschip.generate import SamplingParams, generate_text
+from crosschip.models import build_model, count_parameters, get_preset
+from crosschip.train.config import TrainConfig
+from crosschip.train.loop import Trainer, make_optimizer, train_step
+from crosschip.train.report import ConsoleReporter
+
+DEMO_PRESET = "small"
+DEMO_PROMPT = "Return a new"
+
+
+@dataclass
+class DemoContext:
+    workdir: Path
+    console: Console
+    minutes: float
+    steps: int | None
+    overwrite: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+    trainer: Trainer | None = None
+
+
+def demo_train_config(ctx: DemoContext, steps: int) -> TrainConfig:
+    """The demo's run: `small` preset, 4k-token BPE, 256-token windows, bf16 autocast where native."""
+    return TrainConfig(
+        data=ctx.workdir / "corpus.jsonl", model=DEMO_PRESET, out=ctx.workdir / "run", device="auto",
+        precision="auto", steps=steps, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=min(30, steps // 10),
+        eval_every=max(1, steps // 4), save_every=max(1, steps // 2), log_every=10, vocab_size=4096,
+        eval_batches=16, overwrite=ctx.overwrite, cache_dir=ctx.workdir / "cache",
+        time_budget_s=ctx.minutes * 60 * 1.4,  # a hard stop if the machine is slower than calibrated
+    )
+
+
+def calibrate_step_seconds(cfg: TrainConfig, vocab_size: int, warmup: int = 2, timed: int = 3) -> float:
+    """Seconds per optimizer step of this config on this machine, timed on a throwaway model."""
+    from crosschip.data.loader import PackedBatches
+
+    device = devices.resolve_device(cfg.device)
+    precision = devices.default_precision(device) if cfg.precision == "auto" else cfg.precision
+    config = get_preset(cfg.model).build_config(vocab_size, 0, 1, 2)
+    model = build_model(config, seed=cfg.seed).to(device).train()
+    optimizer = make_optimizer(model, cfg, device)
+    rng = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab_size, (cfg.tokens_per_step * (warmup + timed) + 1,), generator=rng).numpy()
+    loader = PackedBatches(tokens, cfg.batch_size, cfg.seq_len, seed=0)
+    for i in range(warmup + timed):
+        if i == warmup:
+            devices.synchronize(device)
+            t0 = time.perf_counter()
+        train_step(model, optimizer, None, loader, cfg, device, precision)
+    devices.synchronize(device)
+    return (time.perf_counter() - t0) / timed
+
+
+def step_corpus(ctx: DemoContext) -> None:
+    path = stdlib_docstring_corpus(ctx.workdir / "corpus.jsonl")
+    ctx.summary["corpus"] = {"path": str(path), "bytes": path.stat().st_size}
+    ctx.console.print(f"corpus: {path} ({path.stat().st_size / 1e6:.1f} MB of stdlib docstrings)")
+
+
+def step_train(ctx: DemoContext) -> None:
+    steps = ctx.steps
+    if steps is None:
+        per_step = calibrate_step_seconds(demo_train_config(ctx, 1), vocab_size=4096)
+        steps = max(20, int(ctx.minutes * 60 / (per_step * 1.08)))  # ~8% for eval and saves
+        ctx.console.print(f"calibrated: {per_step:.2f} s/step -> {steps} steps in ~{ctx.minutes:g} min")
+    trainer = Trainer(demo_train_config(ctx, steps), ConsoleReporter(ctx.console))
+    ctx.console.print(f"model: {DEMO_PRESET} preset, {count_parameters(trainer.model) / 1e6:.2f}M parameters, "
+                      f"{trainer.device} {trainer.precision}")
+    result = trainer.run()
+    ctx.trainer = trainer
+    ctx.summary["train"] = {k: v for k, v in vars(result).items() if k != "history"}
+
+
+def step_generate(ctx: DemoContext) -> None:
+    ckpt = Path(ctx.summary["train"]["checkpoint"])
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    ctx.console.print(f"sample (greedy, from the saved checkpoint): [bold]{DEMO_PROMPT}[/]", end="")
+    text = generate_text(ckpt, DEMO_PROMPT, params, "cpu", on_text=lambda s: ctx.console.print(s, end="", markup=False))
+    ctx.console.print()
+    ctx.summary["sample"] = {"prompt": DEMO_PROMPT, "continuation": text}
+
+
+def step_summary(ctx: DemoContext) -> None:
+    trainer, train = ctx.trainer, ctx.summary["train"]
+    assert trainer is not None
+    shards, vocab = trainer.inputs.shards, len(trainer.inputs.tokenizer)
+    entropy = unigram_entropy(shards.train, vocab)
+    flops = perf.model_flops_per_token(trainer.model, trainer.cfg.seq_len)
+    peak = perf.measure_matmul_peak(trainer.device, devices.torch_dtype(trainer.precision))
+    achieved = train["tokens_per_s"] * flops
+    ctx.summary["report"] = report = {
+        "unigram_entropy": entropy,
+        "train_loss": train["train_loss"],
+        "val_loss": train["val_loss"],
+        "val_below_unigram": entropy - train["val_loss"],
+        "tokens_per_s": train["tokens_per_s"],
+        "flops_per_token": flops,
+        "matmul_peak_flops": peak,
+        "mfu": perf.mfu(train["tokens_per_s"], flops, peak),
+        "checkpoint": train["checkpoint"],
+    }
+    c = ctx.console
+    c.print("\n[bold]summary[/]")
+    c.print(f"  corpus unigram entropy  {entropy:.3f} nats/token ({vocab} tokens)")
+    c.print(f"  train loss              {train['train_loss']:.3f}")
+    below = report["val_below_unigram"]
+    c.print(f"  validation loss         {train['val_loss']:.3f}  ({below:.2f} nats below unigram)")
+    c.print(f"  throughput              {train['tokens_per_s']:,.0f} tokens/s ({achieved / 1e9:.1f} GFLOP/s)")
+    c.print(f"  MFU                     {report['mfu']:.1%} of measured {trainer.precision} matmul peak "
+            f"{peak / 1e9:.0f} GFLOP/s")
+    c.print(f"  checkpoint              {train['checkpoint']}")
+
+
+STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
+    ("corpus", step_corpus),
+    ("train", step_train),
+    ("generate", step_generate),
+    ("summary", step_summary),
+]
+
+
+def run_demo(
+    workdir: Path, steps: int | None = None, minutes: float = 6.0, console: Console | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    workdir = Path(workdir)
+    if workdir.exists() and any(workdir.iterdir()) and not overwrite:
+        raise CrosschipError(f"demo directory {workdir} already exists", "pass --overwrite or --workdir elsewhere")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = DemoContext(workdir, console or Console(stderr=True), minutes, steps, overwrite)
+    t0 = time.perf_counter()
+    for name, fn in STEPS:
+        ctx.console.rule(f"[bold]{name}")
+        fn(ctx)
+    ctx.summary["elapsed_s"] = time.perf_counter() - t0
+    ctx.console.print(f"\ndemo finished in {ctx.summary['elapsed_s'] / 60:.1f} min")
+    return ctx.summary
