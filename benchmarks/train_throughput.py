@@ -73,7 +73,7 @@ class Runner(Protocol):
 
 
 class StepClock:
-    """A Trainer Reporter that stamps the wall clock (after a device sync) when `run()` starts and after each step.
+    """A Trainer Reporter: wall-clock stamps (after a device sync) as `run()` starts and after each step.
 
     The Trainer calls `update` right after logging a step, so the span between two stamps is
     everything the real loop does for one step: data, forward, backward, clip, optimizer, logging.
@@ -181,7 +181,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_trainer(args: argparse.Namespace, corpus: Path, tok_dir: Path, workdir: Path, precision: str) -> Trainer:
+def build_trainer(
+    args: argparse.Namespace, corpus: Path, tok_dir: Path, workdir: Path, precision: str
+) -> Trainer:
     """A Trainer on TrainConfig defaults except what the benchmark must pin: sizes, data, eval/save.
 
     No periodic eval or save (only the one `run()` always does at its end, never timed); log_every=1
@@ -218,7 +220,8 @@ def measure_peaks(device: torch.device, precisions: set[str], threads: int | Non
     """Matmul FLOP/s per precision, measured here and now (CPU: with the benchmark's thread count)."""
     n = 2048 if device.type == "cpu" else 8192  # 8192: big enough to saturate an H100/H200-class GPU
     perf.clear_perf_cache()  # measured twice per run (start and end): the later call must re-measure
-    return {p: perf.measure_matmul_peak(device, devices.torch_dtype(p), n=n, threads=threads) for p in precisions}
+    dtypes = {p: devices.torch_dtype(p) for p in precisions}
+    return {p: perf.measure_matmul_peak(device, dtype, n=n, threads=threads) for p, dtype in dtypes.items()}
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -245,7 +248,8 @@ def summarize(
     return {
         **meta, "model_flops_per_token": flops_per_token,
         "matmul_peak_tflops": {p: peaks[p] / 1e12 for p in sorted(peaks)}, "runs": rows,
-        "ratio_vs_reference": ratios, "median_ratio_vs_reference": median_ratios, "target_ratio": TARGET_RATIO,
+        "ratio_vs_reference": ratios, "median_ratio_vs_reference": median_ratios,
+        "target_ratio": TARGET_RATIO,
         "target_met": ratios["crosschip-default"] >= TARGET_RATIO,
     }
 
@@ -253,7 +257,8 @@ def summarize(
 def print_table(s: dict[str, Any]) -> None:
     m = s["machine"]
     print(f"{s['preset']} ({s['params'] / 1e6:.2f}M params), batch {s['batch_size']} x seq {s['seq_len']}, "
-          f"{s['steps']} timed steps per run after {s['warmup']} warm-up, interleaved, {m['cpu_threads']} threads")
+          f"{s['steps']} timed steps per run after {s['warmup']} warm-up, interleaved, "
+          f"{m['cpu_threads']} threads")
     print(f"{m['device']} ({m['device_name']}), torch {m['torch']}, {m['date_utc']}")
     peaks = ", ".join(f"{p} {v:.3f} TFLOP/s" for p, v in s["matmul_peak_tflops"].items())
     print(f"measured matmul peak: {peaks}")
@@ -261,8 +266,9 @@ def print_table(s: dict[str, Any]) -> None:
     print("tok/s, TFLOP/s and MFU from the fastest timed step; MFU against the same-precision peak")
     print(f"{'run':<20}{'precision':>10}{'tok/s':>10}{'median':>10}{'mean':>10}{'TFLOP/s':>10}{'MFU':>8}")
     for r in s["runs"]:
-        print(f"{r['name']:<20}{r['precision']:>10}{r['tokens_per_s']:>10.1f}{r['median_tokens_per_s']:>10.1f}"
-              f"{r['mean_tokens_per_s']:>10.1f}{r['achieved_tflops']:>10.4f}{r['mfu']:>8.1%}")
+        print(f"{r['name']:<20}{r['precision']:>10}{r['tokens_per_s']:>10.1f}"
+              f"{r['median_tokens_per_s']:>10.1f}{r['mean_tokens_per_s']:>10.1f}"
+              f"{r['achieved_tflops']:>10.4f}{r['mfu']:>8.1%}")
     for name, ratio in s["ratio_vs_reference"].items():
         median = s["median_ratio_vs_reference"][name]
         print(f"{name} / reference-fp32: {ratio:.2f}x (median steps: {median:.2f}x)")
