@@ -11,6 +11,7 @@ writing it; nothing else writes the manifest.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -214,16 +215,43 @@ def read_state_dict(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[
     return state
 
 
+def storage_format(ckpt: Checkpoint) -> tuple[str, str]:
+    """(format, layout) a checkpoint is stored in, from config.json and any Ascend description."""
+    from crosschip.convert.layouts import QUANT_DESCRIPTION_NAME, detect_format
+
+    config = json.loads((ckpt.path / "config.json").read_text())
+    desc_path = ckpt.path / QUANT_DESCRIPTION_NAME
+    description = json.loads(desc_path.read_text()) if desc_path.is_file() else None
+    return detect_format(config, description)
+
+
+def dequantized_state_dict(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every logical tensor in `dtype`, whatever format `convert` wrote (FP8 blocks, INT8 layouts)."""
+    from crosschip.convert.layouts import QUANTIZED_FORMATS, decode, group_names
+
+    fmt, layout = storage_format(ckpt)
+    stored = read_state_dict(ckpt)
+    if fmt not in QUANTIZED_FORMATS:
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in stored.items()}
+    return {
+        name: decode(fmt, layout, name, {n: stored.pop(n) for n in parts}, dtype)
+        for name, parts in group_names(list(stored)).items()
+    }
+
+
 def load_model(
     path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True
 ) -> tuple[PreTrainedModel, Checkpoint]:
-    """crosschip's loader: validate, read tensors from safetensors, build the model in eval mode."""
+    """crosschip's loader: validate, read safetensors, dequantize any convert format, build in eval mode."""
     from crosschip.models import model_class
 
     ckpt = open_checkpoint(path, verify=verify)
-    state = read_state_dict(ckpt, dtype)
-    cls = model_class(ckpt.config)
-    model = cls.from_pretrained(None, config=ckpt.config, state_dict=state, dtype=dtype, attn_implementation="sdpa")
+    state = dequantized_state_dict(ckpt, dtype)
+    config = copy.deepcopy(ckpt.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # weights are dequantized here: no quantizer must touch them
+    cls = model_class(config)
+    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval(), ckpt
 
 
@@ -246,9 +274,13 @@ def runtime_versions() -> dict[str, str]:
     }
 
 
-def build_manifest(root: Path, provenance: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    root: Path, provenance: dict[str, Any], model: dict[str, Any], known_sha256: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The manifest of the files in root; `known_sha256` skips re-reading files hashed while written."""
+    known = known_sha256 or {}
     files = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        p.name: {"sha256": known.get(p.name) or sha256_file(p), "bytes": p.stat().st_size}
         for p in sorted(root.iterdir())
         if p.is_file() and p.name != MANIFEST_NAME
     }

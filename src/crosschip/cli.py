@@ -133,6 +133,54 @@ def train(
 
 
 @app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Source checkpoint directory (any HF safetensors checkpoint).")],
+    dst: Annotated[Path, typer.Argument(help="Output directory (appears atomically).")],
+    to: Annotated[str | None, typer.Option(help="fp32, bf16, fp16, fp8-block, int8-w8a16, int8-w8a8-dynamic.")] = None,
+    target: Annotated[str | None, typer.Option(help="Target profile: picks the default format.")] = None,
+    layout: Annotated[str | None, typer.Option(help="Quantized layout: compressed-tensors or ascend (W8A8).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Dtype of unquantized tensors in quantized formats.")] = None,
+    clamp: Annotated[bool, typer.Option("--clamp", help="fp16: saturate overflowing values (recorded).")] = False,
+    shard_size: Annotated[str, typer.Option(help="Max output shard size, e.g. 4GB.")] = "4GB",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing DST.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-encode a checkpoint for the serving chip, streaming one tensor at a time."""
+    from crosschip.convert.pipeline import convert as run_convert
+    from crosschip.convert.pipeline import resolve_options
+    from crosschip.train.report import byte_progress
+
+    opts = resolve_options(to, target, layout, dtype, clamp=clamp, overwrite=overwrite,
+                           shard_bytes=parse_size(shard_size))
+    with byte_progress(err, "convert", quiet=json_out) as progress:
+        record = run_convert(src, dst, opts, progress)
+    if json_out:
+        return _print_json({k: v for k, v in record.items() if k != "tensors"})
+    summary = record["summary"]
+    err.print(f"converted {record['from']} -> {record['to']} ({record['layout']}, {record['dtype']}): "
+              f"{summary['tensors']} tensors, {summary.get('quantized', 0)} quantized", highlight=False)
+    if "max_rel" in summary:
+        err.print(f"error vs source: max rel {summary['max_rel']:.3e} ({summary['worst_tensor']}), "
+                  f"mean of per-tensor max rel {summary['mean_max_rel']:.3e}", highlight=False)
+    if record["clamped_tensors"]:
+        err.print(f"clamped to +-65504: {', '.join(record['clamped_tensors'])}", highlight=False)
+    err.print(f"output: {dst}", highlight=False)
+    return None
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '500MB', '16KB', '1024' -> bytes (decimal units, as transformers' max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * units[unit])
+    if t.isdigit():
+        return int(t)
+    raise CrosschipError(f"cannot read size {text!r}", "use e.g. 4GB, 500MB or a number of bytes")
+
+
+@app.command()
 def generate(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory (or a training run directory).")],
     prompt: Annotated[str, typer.Option(help="Prompt text.")],
@@ -164,7 +212,7 @@ def generate(
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its corpus and run.")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option(help="Training steps (default: fit the time budget).")] = None,
-    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 6.0,
+    minutes: Annotated[float, typer.Option(help="Training time budget in minutes.")] = 5.5,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing demo directory.")] = False,
     json_out: JsonOpt = False,
 ) -> None:

@@ -46,7 +46,7 @@ def demo_train_config(ctx: DemoContext, steps: int) -> TrainConfig:
         precision="auto", steps=steps, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=min(30, steps // 10),
         eval_every=max(1, steps // 4), save_every=max(1, steps // 2), log_every=10, vocab_size=4096,
         eval_batches=16, overwrite=ctx.overwrite, cache_dir=ctx.workdir / "cache",
-        time_budget_s=ctx.minutes * 60 * 1.4,  # a hard stop if the machine is slower than calibrated
+        time_budget_s=ctx.minutes * 60 * 1.25,  # a hard stop if the machine is slower than calibrated
     )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from rich.console import Console
@@ -79,3 +81,17 @@ class ConsoleReporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+@contextlib.contextmanager
+def byte_progress(console: Console, label: str, quiet: bool = False) -> Iterator[Callable[[str, int, int], None]]:
+    """A progress callback (item name, items done, bytes done) drawn as a bar on a terminal."""
+    if quiet or not console.is_terminal:
+        yield lambda name, done, nbytes: None
+        return
+    with Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.fields[count]} tensors"),
+        TextColumn("{task.fields[gb]:.2f} GB"), TimeElapsedColumn(), console=console, transient=True,
+    ) as progress:
+        task = progress.add_task(label, total=None, count=0, gb=0.0)
+        yield lambda name, done, nbytes: progress.update(task, count=done, gb=nbytes / 1e9)
