@@ -205,6 +205,84 @@ def check_foundation(ctx: Context) -> CheckResult:
     return CheckResult(name, FAIL if problems else PASS, summary, figures)
 
 
+FP8_HIDDEN, FP8_TOKENS = 256, 128  # multiples of 128: what the blockwise fp8 GEMM kernels accept
+FP8_REL_TOL = 0.02  # fp8 inputs are exact on both sides; the GPU GEMM rounds its bf16 output (2^-9)
+
+
+def _fp8_checkpoint(ctx: Context) -> tuple[Path, Path]:
+    """A bf16 Llama checkpoint with 128-multiple dims, converted to fp8-block by crosschip on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crosschip.checkpoint import write_checkpoint
+    from crosschip.convert.pipeline import convert, resolve_options
+
+    torch.manual_seed(ctx.seed)
+    config = LlamaConfig(vocab_size=512, hidden_size=FP8_HIDDEN, intermediate_size=2 * FP8_HIDDEN,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    src, dst = ctx.workdir / "fp8-src", ctx.workdir / "fp8-block"
+    write_checkpoint(src, model, None, {"source": "gpu_check"}, overwrite=True)
+    convert(src, dst, resolve_options("fp8-block", None, None, None, overwrite=True))
+    return src, dst
+
+
+def _act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-128-channel fp8 activation quantization (DeepSeek-V3 inference/kernel.py act_quant)."""
+    m, k = x.shape
+    groups = x.float().view(m, k // 128, 128)
+    scale = groups.abs().amax(-1).clamp(min=1e-12) / 448.0  # [m, k/128]
+    q = (groups / scale[..., None]).to(torch.float8_e4m3fn).view(m, k)
+    return q, scale
+
+
+def _gpu_fp8_matmul(x_q: torch.Tensor, x_s: torch.Tensor, w: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor | None:
+    """torch's fp8 GEMM with 1x128 activation and 128x128 weight scales (Hopper); None if unsupported."""
+    try:
+        # scale_a must be outer-dim (M) major for blockwise scaling: the transpose of a contiguous [k/128, m].
+        return torch._scaled_mm(x_q, w.t(), x_s.t().contiguous().t(), w_s.t(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+        log(f"fp8_block: torch._scaled_mm blockwise unavailable here ({str(e).splitlines()[0][:120]})")
+        return None
+
+
+@register("fp8_block")
+def check_fp8_block(ctx: Context) -> CheckResult:
+    """crosschip's fp8-block weights through torch's fp8 GEMM on the device vs crosschip's CPU dequant."""
+    from crosschip.checkpoint import open_checkpoint, read_state_dict
+    from crosschip.convert.quant import fp8_block_dequantize
+
+    name = "fp8_block"
+    _, dst = _fp8_checkpoint(ctx)
+    stored = read_state_dict(open_checkpoint(dst))
+    weights = [k for k, v in stored.items() if v.dtype == torch.float8_e4m3fn]
+    gen = torch.Generator().manual_seed(ctx.seed)
+    worst, exact_dequant, gemm_ran = 0.0, True, 0
+    for key in weights:
+        w, w_s = stored[key], stored[key + "_scale_inv"]
+        cpu_w = fp8_block_dequantize(w, w_s, dtype=torch.float32)  # crosschip's CPU path
+        dev_w = fp8_block_dequantize(w.to(ctx.device), w_s.to(ctx.device), dtype=torch.float32).cpu()
+        exact_dequant &= torch.equal(cpu_w, dev_w)
+        x = torch.randn(FP8_TOKENS, w.shape[1], generator=gen)
+        x_q, x_s = _act_quant(x)
+        x_deq = (x_q.float().view(FP8_TOKENS, -1, 128) * x_s[..., None]).view_as(x)
+        ref = x_deq.double() @ cpu_w.double().t()  # what the fp8 GEMM should compute, exactly
+        out = _gpu_fp8_matmul(x_q.to(ctx.device), x_s.to(ctx.device), w.to(ctx.device), w_s.to(ctx.device))
+        if out is None:
+            continue
+        gemm_ran += 1
+        worst = max(worst, float((out.double().cpu() - ref).abs().max() / ref.abs().max()))
+    figures = {"weights": len(weights), "dequant_bit_exact": exact_dequant, "gemm_checked": gemm_ran,
+               "gemm_max_rel_err": worst, "tolerance": FP8_REL_TOL}
+    summary = (f"{len(weights)} fp8 weights: device dequant bit-exact with CPU: {exact_dequant}; "
+               f"fp8 GEMM on {gemm_ran}/{len(weights)}, max rel err {worst:.2e} (tol {FP8_REL_TOL})")
+    if not exact_dequant or worst > FP8_REL_TOL:
+        return CheckResult(name, FAIL, summary, figures)
+    if gemm_ran == 0:
+        return CheckResult(name, SKIP if ctx.device.type == "cpu" else FAIL,
+                           summary + "; torch's blockwise fp8 GEMM did not run", figures)
+    return CheckResult(name, PASS, summary, figures)
+
+
 # ---------------------------------------------------------------- driver
 
 

@@ -131,11 +131,38 @@ def step_summary(ctx: DemoContext) -> None:
     c.print(f"  checkpoint              {train['checkpoint']}")
 
 
+DEMO_CONVERSIONS = (  # (output name, target profile, format): what the demo's serving chips run
+    ("ascend-310p-fp16", "ascend-310p", "fp16"),
+    ("ascend-w8a8", "ascend-910b", "int8-w8a8-dynamic"),
+)
+
+
+def step_convert(ctx: DemoContext) -> None:
+    """Re-encode the trained checkpoint for the demo's serving targets and report the error."""
+    from crosschip.convert.pipeline import convert, resolve_options
+
+    source = Path(ctx.summary["train"]["checkpoint"])
+    ctx.summary["convert"] = {}
+    for name, target, fmt in DEMO_CONVERSIONS:
+        out = ctx.workdir / "serve" / name
+        record = convert(source, out, resolve_options(fmt, target, None, None, overwrite=ctx.overwrite))
+        summary = record["summary"]
+        ctx.summary["convert"][name] = {"path": str(out), **{k: v for k, v in record.items() if k != "tensors"}}
+        audit = "range audit: no overflow" if fmt == "fp16" and not record["clamped_tensors"] else ""
+        ctx.console.print(
+            f"{target}: {record['from']} -> {fmt} ({record['layout']}, {record['dtype']}), "
+            f"{summary.get('quantized', 0)}/{summary['tensors']} tensors quantized, "
+            f"max rel error {summary['max_rel']:.2e} ({summary['worst_tensor']}) {audit}\n  -> {out}",
+            highlight=False,
+        )
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("corpus", step_corpus),
     ("train", step_train),
     ("generate", step_generate),
     ("summary", step_summary),
+    ("convert", step_convert),
 ]
 
 
