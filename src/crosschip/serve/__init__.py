@@ -1,0 +1,1 @@
+"""Serve: an OpenAI-compatible server with continuous batching on the inference chip."""
