@@ -209,6 +209,27 @@ def generate(
 
 
 @app.command()
+def serve(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory (any format convert writes).")],
+    device: Annotated[str, typer.Option(help="cpu, cuda[:N], npu[:N], mps, xpu, or auto.")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default fp32).")] = None,
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    max_batch: Annotated[int | None, typer.Option(help="Sequences in the running batch.")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Waiting requests before 429.")] = None,
+    max_context: Annotated[int | None, typer.Option(help="Tokens per sequence (prompt + output).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY'.")] = None,
+    request_timeout: Annotated[float, typer.Option(help="Seconds before a request is aborted.")] = 600.0,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step.")] = False,
+) -> None:
+    """Serve a checkpoint behind an OpenAI-compatible API with continuous batching."""
+    from crosschip.serve.api import run_server
+
+    run_server(ckpt, device=device, dtype=dtype, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
+               max_context=max_context, api_key=api_key, request_timeout_s=request_timeout, compile=compile_model)
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its corpus and run.")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option(help="Training steps (default: fit the time budget).")] = None,

@@ -17,9 +17,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-import safetensors
 import torch
 
 from crosschip.checkpoint import safe_member
@@ -34,6 +33,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 CODES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 2**20  # safetensors' own limit on header size
+PART_BYTES = 16 * 2**20  # largest write queued at once: small next to tensors, large for the disk
 
 
 @dataclass(frozen=True)
@@ -95,26 +95,67 @@ def scan_file(root: Path, file: str) -> list[TensorInfo]:
 
 
 class SourceReader:
-    """Lazy reads of named tensors from a checkpoint's shards (handles opened once, mmap-backed)."""
+    """Lazy reads of named tensors from a checkpoint's shards (handles opened once).
+
+    Each tensor is read into a buffer of its own at the offset its header gives, not mapped: the
+    pages of a mapped file that a process has touched count in its RSS until the map is closed, so
+    reading through safetensors' mmap (`safe_open`) made peak RSS grow with the model's size.
+    """
 
     def __init__(self, root: Path, infos: Mapping[str, TensorInfo]) -> None:
         self.root, self.infos = root, infos
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, BinaryIO] = {}
 
     def get(self, name: str) -> torch.Tensor:
+        return self._read(self._info(name))
+
+    def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [start, stop) of a tensor, read into `out` (a uint8 buffer at least that large)."""
+        info = self._info(name)
+        row_bytes = info.nbytes // max(info.shape[0], 1)
+        rows = TensorInfo(name, info.file, info.dtype, (stop - start, *info.shape[1:]), info.offset + start * row_bytes)
+        return self._read(rows, out)
+
+    def _info(self, name: str) -> TensorInfo:
         info = self.infos.get(name)
         if info is None:
             raise CrosschipError(f"tensor {name} is not in the checkpoint", "the checkpoint is incomplete")
-        if info.file not in self._handles:
-            path = safe_member(self.root, info.file, "model.safetensors.index.json")
-            self._handles[info.file] = safetensors.safe_open(path, "pt")
+        return info
+
+    def _read(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
         try:
-            return self._handles[info.file].get_tensor(name)
-        except (safetensors.SafetensorError, OSError) as e:
-            raise CrosschipError(f"cannot read tensor {name} from {info.file} ({e})", "re-copy the file") from e
+            if info.file not in self._handles:
+                path = safe_member(self.root, info.file, "model.safetensors.index.json")
+                self._handles[info.file] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+            return read_tensor(self._handles[info.file], info, out)
+        except OSError as e:
+            raise CrosschipError(f"cannot read tensor {info.name} from {info.file} ({e})", "re-copy the file") from e
 
     def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
         self._handles.clear()
+
+
+def read_tensor(f: BinaryIO, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes from an open (unbuffered) shard straight into a new tensor, or into `out`.
+
+    Reusing `out` (uint8) matters beyond memory: each first touch of fresh memory is a page fault,
+    which on the 2-core VM these figures come from cost ~2 s per 2.8 GB read.
+    """
+    if out is not None and out.nbytes < info.nbytes:
+        raise ValueError(f"a {out.nbytes}-byte buffer cannot hold {info.nbytes} bytes of {info.name}")  # a bug
+    data = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out.view(-1)[: info.nbytes]
+    view = memoryview(data.numpy())
+    f.seek(info.offset)
+    done = 0
+    while done < info.nbytes:
+        n = f.readinto(view[done:])
+        if not n:
+            raise CrosschipError(f"{info.file} is truncated: tensor {info.name} ends past the end of the file",
+                                 "re-copy the file")
+        done += n
+    return data.view(info.dtype).reshape(info.shape)
 
 
 @dataclass(frozen=True)
@@ -152,11 +193,17 @@ def shard_header(specs: list[OutSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+class _ClosedEarly(RuntimeError):
+    """The producer closed the writer before every planned tensor arrived (it failed, or a bug)."""
+
+
 class ShardWriter:
     """Writes planned shards in a background thread (overlapping conversion), hashing as it writes.
 
-    `put(spec, tensor)` must follow the planned order; each tensor is checked against its spec.
-    A bounded queue keeps at most `depth` tensors in flight, so memory stays a few tensors.
+    Tensors must come in the planned order, each checked against its spec: whole (`put`) or as
+    consecutive row blocks (`begin` then `put_part`, so a tensor converted block by block never
+    exists whole). The queue holds at most `depth` parts of at most PART_BYTES, so the producer
+    runs at most that far ahead of the disk and memory stays about two tensors, not a shard.
     """
 
     def __init__(self, out_dir: Path, shards: list[list[OutSpec]], names: list[str], depth: int = 2) -> None:
@@ -166,31 +213,61 @@ class ShardWriter:
         self._queue: queue.Queue[torch.Tensor | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._next = 0
+        self._pending = 0  # bytes of the current tensor not yet put
         self._thread = threading.Thread(target=self._run, name="crosschip-writer", daemon=True)
         self._thread.start()
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue a whole tensor (in parts of at most PART_BYTES)."""
+        self.begin(name, tensor.dtype, tuple(tensor.shape))
+        flat = tensor.contiguous().reshape(-1)
+        for part in flat.split(max(1, PART_BYTES // flat.element_size())):
+            self.put_part(part)
+
+    def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """Start the next planned tensor; its bytes follow, in order, through `put_part`."""
         if self._error is not None:
             raise self._error
+        if self._pending:
+            raise RuntimeError(f"{self._pending} bytes of the previous tensor were never put")  # a crosschip bug
         shard, spec = self.order[self._next]
-        if name != spec.name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise RuntimeError(f"planned {spec}, got {name} {tensor.dtype} {list(tensor.shape)}")  # a crosschip bug
+        if name != spec.name or dtype != spec.dtype or shape != spec.shape:
+            raise RuntimeError(f"planned {spec}, got {name} {dtype} {list(shape)}")  # a crosschip bug
         self._next += 1
-        self._queue.put(tensor.contiguous())
+        self._pending = spec.nbytes
+
+    def put_part(self, part: torch.Tensor) -> None:
+        """Queue the next bytes of the tensor started by `begin` (any contiguous block of its elements)."""
+        if self._error is not None:
+            raise self._error
+        _, spec = self.order[self._next - 1]
+        if part.dtype != spec.dtype or part.nbytes > self._pending:
+            raise RuntimeError(f"{spec.name}: part {part.dtype} of {part.nbytes} bytes does not fit")  # a bug
+        self._pending -= part.nbytes
+        if part.nbytes:
+            self._queue.put(part.contiguous())
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
         if self._error is not None:
             raise self._error
-        if self._next != len(self.order):
-            raise RuntimeError(f"wrote {self._next} of {len(self.order)} planned tensors")
+        if self._next != len(self.order) or self._pending:
+            raise RuntimeError(f"wrote {self._next} of {len(self.order)} planned tensors, "
+                               f"{self._pending} bytes short")
+
+    def abort(self) -> None:
+        """End the thread after the producer failed; raises nothing, so the producer's error is reported."""
+        self._queue.put(None)
+        self._thread.join()
 
     def _run(self) -> None:
         try:
             for shard, name in zip(self.shards, self.names, strict=True):
                 self._write_shard(shard, self.out_dir / name, name)
             self._queue.get()  # the closing None
+        except _ClosedEarly as e:
+            self._error = e  # the closing None is consumed: draining would wait forever
         except BaseException as e:  # noqa: BLE001 - handed to the producer thread, which re-raises it
             self._error = e
             while self._queue.get() is not None:  # drain so the producer never blocks forever
@@ -202,13 +279,16 @@ class ShardWriter:
             header = shard_header(shard)
             f.write(header)
             digest.update(header)
-            for _ in shard:
-                tensor = self._queue.get()
-                if tensor is None:
-                    raise RuntimeError("writer closed before all tensors arrived")
-                data = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
-                f.write(data)
-                digest.update(data)
+            for spec in shard:
+                left = spec.nbytes
+                while left > 0:
+                    part = self._queue.get()
+                    if part is None:
+                        raise _ClosedEarly("writer closed before all tensors arrived")
+                    data = part.reshape(-1).view(torch.uint8).numpy()
+                    f.write(data)
+                    digest.update(data)
+                    left -= part.nbytes
         self.sha256[name] = digest.hexdigest()
 
 
@@ -216,11 +296,12 @@ def hash_files(paths: Mapping[str, Path], result: dict[str, str]) -> threading.T
     """sha256 the given files (name -> path) in a background thread; hashlib releases the GIL."""
 
     def run() -> None:
+        block = memoryview(bytearray(2**20))
         for name, path in paths.items():
             h = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(16 * 2**20):
-                    h.update(block)
+            with open(path, "rb", buffering=0) as f:
+                while n := f.readinto(block):  # one reused buffer: no fresh pages to fault in per read
+                    h.update(block[:n])
             result[name] = h.hexdigest()
 
     thread = threading.Thread(target=run, name="crosschip-hash", daemon=True)

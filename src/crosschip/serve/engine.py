@@ -1,0 +1,504 @@
+"""`BatchEngine`: continuous batching behind the `engine_api.Engine` contract.
+
+One scheduler thread owns the model, the KV cache and every running sequence. Each iteration it
+(1) takes new requests and aborts from a lock-protected inbox, (2) aborts timed-out requests,
+(3) admits waiting requests FIFO into free cache slots and prefills them one at a time, (4) runs
+ONE batched decode step for all running sequences and samples their next tokens in one batched
+call. Sequences join and leave the batch at these token boundaries. Outputs reach each request's
+`asyncio.Queue` through `loop.call_soon_threadsafe`, one call per event loop and step, so the
+server's event loop never waits on model work (torch ops release the GIL).
+
+Live sequences always occupy slots 0..B-1: when one leaves, the sequence in the highest slot moves
+into its place (`runner.move`), so a decode step reads the cache through views.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crosschip.devices import memory_info, resolve_device
+from crosschip.serve.engine_api import (
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    QueueFullError,
+    RequestOutput,
+    RequestTooLongError,
+)
+from crosschip.serve.runner import make_runner
+from crosschip.serve.sampling import SlotTable, prompt_logprobs, token_logprobs
+
+DEFAULT_MAX_CONTEXT = 2048
+# Default KV budget when none is given: this share of the device memory not yet allocated.
+DEFAULT_KV_MEMORY_FRACTION = 0.4
+
+
+class EngineClosedError(QueueFullError):
+    """The engine is shutting down (or has stopped) and takes no new requests: the server answers 429/503."""
+
+    def __init__(self, reason: str = "the engine is shutting down") -> None:
+        super().__init__(retry_after_s=5.0)
+        self.args = (reason,)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """One request's state; fields after `queue` are touched only by the scheduler thread."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    submitted: float  # time.monotonic()
+    deadline: float  # math.inf without a timeout
+    seed: int
+    stop_ids: frozenset[int]
+    position: int = 0  # tokens in the KV cache; the pending token goes here
+    generated: int = 0  # tokens returned so far (a stop token is not returned)
+    first_token_sent: bool = False
+    finished: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+
+class _RequestStream:
+    """The async iterator `generate` returns; closing, cancelling or dropping it aborts the request."""
+
+    def __init__(self, engine: BatchEngine, seq: _Sequence) -> None:
+        self._engine, self._seq, self._done = engine, seq, False
+
+    def __aiter__(self) -> _RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._seq.queue.get()
+        except asyncio.CancelledError:  # the consumer's task was cancelled: client gone
+            self._close()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine._abort_sequence(self._seq)  # noqa: SLF001 - the stream belongs to its engine
+
+    def __del__(self) -> None:
+        self._close()  # dropped before the end (e.g. `break` out of `async for`): free the slot
+
+
+class BatchEngine:
+    """Continuous-batching inference engine for one model on one device (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any | None,
+        model_name: str,
+        device: torch.device | str | None = None,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_context: int | None = None,
+        kv_budget_bytes: int | None = None,
+        compile: bool = False,
+        layout: str = "auto",
+        generic: bool = False,
+        max_prefill_tokens: int = 4096,
+    ) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device).eval()
+        self.tokenizer, self.model_name = tokenizer, model_name
+        limit = int(getattr(model.config, "max_position_embeddings", DEFAULT_MAX_CONTEXT))
+        self.max_context = min(limit, DEFAULT_MAX_CONTEXT) if max_context is None else int(max_context)
+        if not 1 <= self.max_context <= limit:
+            raise ValueError(f"max_context must be in [1, {limit}] for this model, got {self.max_context}")
+        budget = kv_budget_bytes if kv_budget_bytes is not None else _default_kv_budget(self.device)
+        self.runner = make_runner(model, max_batch, self.max_context, budget, compile, generic, layout)
+        self.max_batch, self.max_queue = self.runner.num_slots, max_queue
+        self.vocab_size = self.runner.vocab_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self._table = SlotTable(self.runner.num_slots, self.device)
+        self._rng = random.Random()
+        # Reentrant: a stream's __del__ may run (garbage collection) on a thread that holds the lock.
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._inbox: deque[_Sequence] = deque()
+        self._aborts: list[_Sequence] = []
+        self._live: dict[str, _Sequence] = {}
+        self._pending = 0  # submitted, not yet admitted to a slot (guarded by _lock)
+        self._occupied = 0  # slots held by admitted sequences (guarded by _lock)
+        self._stats = EngineStats(
+            0, 0, 0, self.runner.num_slots * self.max_context, self.max_batch, max_queue
+        )
+        self._closing = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        # scheduler-thread state
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []  # index == slot
+        self._next_deadline = math.inf
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: Path | str, device: str = "auto", dtype: torch.dtype | None = None, **kwargs: Any
+    ) -> BatchEngine:
+        """Load a crosschip (or plain HF) checkpoint with its tokenizer; dtype defaults to float32.
+
+        model_name defaults to the name of the directory given (a training run's name, not `model`).
+        """
+        from crosschip.checkpoint import load_model, load_tokenizer_if_present
+
+        target = resolve_device(device)
+        model, ckpt = load_model(Path(path), target, dtype or torch.float32)
+        kwargs.setdefault("model_name", Path(path).resolve().name)
+        return cls(model, load_tokenizer_if_present(ckpt.path), device=target, **kwargs)
+
+    # ------------------------------------------------------------------ public API (event loop side)
+
+    async def start(self) -> None:
+        self._ensure_thread()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Queue a request and return its output stream; raises before any output when it cannot run."""
+        self._validate(request)
+        loop = asyncio.get_running_loop()
+        opts = request.sampling
+        seed = self._rng.getrandbits(64) if opts.seed is None else opts.seed
+        deadline = math.inf if request.timeout_s is None else time.monotonic() + request.timeout_s
+        stop = frozenset(opts.stop_token_ids)
+        seq = _Sequence(request, loop, asyncio.Queue(), time.monotonic(), deadline, seed, stop)
+        with self._lock:
+            if self._error is not None:
+                raise EngineClosedError(f"the engine stopped after an error: {self._error!r}")
+            if self._closing:
+                raise EngineClosedError()
+            if request.request_id in self._live:
+                raise ValueError(f"request id {request.request_id!r} is already running")
+            free_slots = self.runner.num_slots - self._occupied
+            if self._pending - free_slots >= self.max_queue:
+                raise QueueFullError(retry_after_s=1.0)
+            self._pending += 1
+            self._live[request.request_id] = seq
+            self._inbox.append(seq)
+        self._ensure_thread()
+        self._wake.set()
+        return _RequestStream(self, seq)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            seq = self._live.get(request_id)
+        if seq is not None:
+            self._abort_sequence(seq)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self._stats
+
+    async def shutdown(self, drain: bool = True) -> None:
+        """Stop accepting work; with drain, finish running and queued requests first, then stop the thread."""
+        with self._lock:
+            self._closing = True
+            if not drain:
+                self._aborts.extend(self._live.values())
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    # ------------------------------------------------------------------ validation
+
+    def _validate(self, request: GenerationRequest) -> None:
+        """Reject what cannot run, synchronously (the server answers 400)."""
+        opts, prompt = request.sampling, request.prompt_ids
+        if not prompt:
+            raise ValueError("the prompt is empty: send at least one token")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if opts.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {opts.max_tokens}")
+        if len(prompt) + opts.max_tokens > self.max_context:
+            raise RequestTooLongError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({opts.max_tokens}) exceeds the context of "
+                f"{self.max_context} tokens"
+            )
+        if not (math.isfinite(opts.temperature) and opts.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {opts.temperature}")
+        if not 0 < opts.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {opts.top_p}")
+        if opts.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {opts.top_k}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(opts, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if request.timeout_s is not None and not request.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {request.timeout_s}")
+
+    # ------------------------------------------------------------------ cross-thread plumbing
+
+    def _abort_sequence(self, seq: _Sequence) -> None:
+        with self._lock:
+            if seq.finished or self._thread is None:
+                return
+            self._aborts.append(seq)
+        self._wake.set()
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="crosschip-engine", daemon=True)
+            self._thread.start()
+
+    def _deliver(self, items: list[tuple[_Sequence, RequestOutput | BaseException]]) -> None:
+        """Hand outputs to their event loops: one thread-safe callback per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for seq, out in items:
+            by_loop[seq.loop].append((seq.queue, out))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                continue
+
+    # ------------------------------------------------------------------ scheduler thread
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._iteration():
+                    pass
+        except Exception as exc:  # noqa: BLE001 - reported to every live request, then the engine stops
+            self._fail_all(exc)
+
+    def _iteration(self) -> bool:
+        """One scheduler iteration; False once closing and nothing is left to do."""
+        outputs: list[tuple[_Sequence, RequestOutput | BaseException]] = []
+        closing = self._take_inbox(outputs)
+        self._expire(outputs)
+        if closing and not self._waiting and not self._running:
+            self._publish_stats()
+            self._deliver(outputs)
+            return False
+        self._admit(outputs)
+        if self._running:
+            self._decode_step(outputs)
+        self._publish_stats()  # before delivery: a consumer that sees an output sees stats at least as new
+        self._deliver(outputs)
+        if not self._running and not outputs:
+            self._idle_wait()
+        return True
+
+    def _take_inbox(self, outputs: list) -> bool:
+        with self._lock:
+            arrived = list(self._inbox)
+            self._inbox.clear()
+            aborts, self._aborts = self._aborts, []
+            closing = self._closing
+        self._waiting.extend(arrived)
+        self._next_deadline = min([self._next_deadline, *(seq.deadline for seq in arrived)])
+        for seq in aborts:
+            self._drop(seq, "abort", outputs)
+        return closing
+
+    def _idle_wait(self) -> None:
+        timeout = (
+            None if math.isinf(self._next_deadline) else max(0.0, self._next_deadline - time.monotonic())
+        )
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def _expire(self, outputs: list) -> None:
+        now = time.monotonic()
+        if now < self._next_deadline:
+            return
+        for seq in [s for s in (*self._waiting, *self._running) if s.deadline <= now]:
+            self._drop(seq, "abort", outputs)
+        live = [s.deadline for s in (*self._waiting, *self._running)]
+        self._next_deadline = min(live, default=math.inf)
+
+    def _drop(self, seq: _Sequence, reason: FinishReason, outputs: list) -> None:
+        """Finish a waiting or running sequence now (abort / timeout)."""
+        if seq.finished:
+            return
+        if seq.position == 0:  # never admitted
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+                with self._lock:
+                    self._pending -= 1
+        else:
+            self._leave_batch(seq)
+        self._finish(seq, reason, outputs)
+
+    def _finish(
+        self, seq: _Sequence, reason: FinishReason, outputs: list, out: RequestOutput | None = None
+    ) -> None:
+        seq.finished = True
+        with self._lock:
+            if self._live.get(seq.id) is seq:
+                del self._live[seq.id]
+        out = out or RequestOutput(seq.id, num_prompt_tokens=len(seq.request.prompt_ids))
+        out.finished, out.finish_reason, out.num_generated_tokens = True, reason, seq.generated
+        outputs.append((seq, out))
+
+    def _fail(self, seq: _Sequence, exc: BaseException, outputs: list) -> None:
+        """End one request with an error its consumer raises (the server answers 500)."""
+        seq.finished = True
+        with self._lock:
+            if self._live.get(seq.id) is seq:
+                del self._live[seq.id]
+        outputs.append((seq, RuntimeError(f"request {seq.id} failed in the engine: {exc!r}")))
+
+    def _leave_batch(self, seq: _Sequence) -> None:
+        """Free seq's slot; the sequence in the last slot moves into it so live slots stay 0..B-1."""
+        slot, last = seq.extra["slot"], len(self._running) - 1
+        if slot != last:
+            moved = self._running[last]
+            self.runner.move(last, slot, moved.position)
+            self._table.move(last, slot)
+            moved.extra["slot"] = slot
+            self._running[slot] = moved
+        else:
+            self.runner.release(slot)
+        self._running.pop()
+        with self._lock:
+            self._occupied -= 1
+
+    def _admit(self, outputs: list) -> None:
+        """Admit waiting requests FIFO into free slots and prefill them (prefill is separate from decode)."""
+        prefilled = 0
+        while (
+            self._waiting
+            and len(self._running) < self.runner.num_slots
+            and prefilled < self.max_prefill_tokens
+        ):
+            seq = self._waiting.popleft()
+            with self._lock:
+                self._pending -= 1
+                self._occupied += 1
+            prefilled += len(seq.request.prompt_ids)
+            self._prefill(seq, outputs)
+
+    def _prefill(self, seq: _Sequence, outputs: list) -> None:
+        req, opts = seq.request, seq.request.sampling
+        slot = len(self._running)
+        prompt = torch.tensor(req.prompt_ids, dtype=torch.long, device=self.device)
+        try:
+            logits = self.runner.prefill(slot, prompt, last_only=opts.prompt_logprobs is None)
+        except RuntimeError as exc:  # e.g. out of device memory: fail this request, keep serving the rest
+            with self._lock:
+                self._occupied -= 1
+            self._fail(seq, exc, outputs)
+            return
+        seq.extra["slot"], seq.position = slot, len(req.prompt_ids)
+        self._running.append(seq)
+        self._table.set(slot, opts, seq.seed, self.vocab_size)
+        first = self._table.sample(logits[-1:], slot, slot + 1)  # [1]
+        out = RequestOutput(seq.id, num_prompt_tokens=len(req.prompt_ids))
+        if opts.prompt_logprobs is not None:
+            out.prompt_logprobs = prompt_logprobs(logits, prompt, min(opts.prompt_logprobs, self.vocab_size))
+        lps = token_logprobs(logits[-1:], first, [opts.logprobs]) if opts.logprobs is not None else None
+        self._table.begin(slot, first, seq.position)
+        self._emit(seq, int(first[0]), None if lps is None else lps[0], out, outputs)
+
+    def _decode_step(self, outputs: list) -> None:
+        """One batched decode step for every running sequence, then batched sampling."""
+        n = len(self._running)
+        max_len = max(seq.position for seq in self._running) + 1
+        logits = self.runner.decode(
+            None, self._table.tokens[:n], self._table.positions[:n], max_len=max_len
+        )  # [n, V]
+        ids = self._table.sample(logits, 0, n)  # [n]
+        self._table.advance(n, ids)
+        want = [i for i, seq in enumerate(self._running) if seq.request.sampling.logprobs is not None]
+        lps: dict[int, Any] = {}
+        if want:
+            rows = torch.tensor(want, device=logits.device)
+            ks = [self._running[i].request.sampling.logprobs for i in want]
+            lps = dict(zip(want, token_logprobs(logits[rows], ids[rows], ks), strict=True))
+        batch = list(self._running)  # _emit may reorder self._running (a finished sequence leaves)
+        for seq in batch:  # the step wrote each pending token's KV: count it before any slot moves
+            seq.position += 1
+        for i, (seq, token) in enumerate(zip(batch, ids.tolist(), strict=True)):
+            out = RequestOutput(seq.id, num_prompt_tokens=len(seq.request.prompt_ids))
+            self._emit(seq, token, lps.get(i), out, outputs)
+
+    def _emit(self, seq: _Sequence, token: int, logprob: Any, out: RequestOutput, outputs: list) -> None:
+        """Append a sampled token to seq's output (unless it stops it) and finish seq when it is done."""
+        if token in seq.stop_ids:
+            self._leave_batch(seq)
+            self._finish(seq, "stop", outputs, out)
+            return
+        seq.generated += 1
+        out.token_ids, out.num_generated_tokens = [token], seq.generated
+        out.logprobs = None if logprob is None else [logprob]
+        if not seq.first_token_sent:
+            seq.first_token_sent = True
+            out.time_to_first_token_s = time.monotonic() - seq.submitted
+        # position + 1 > max_context: the pending token would have no cache position left.
+        if seq.generated >= seq.request.sampling.max_tokens or seq.position >= self.max_context:
+            self._leave_batch(seq)
+            self._finish(seq, "length", outputs, out)
+        else:
+            outputs.append((seq, out))
+
+    def _publish_stats(self) -> None:
+        kv_used = sum(seq.position for seq in self._running)
+        with self._lock:
+            self._stats = EngineStats(
+                queue_depth=self._pending,
+                running=len(self._running),
+                kv_used_tokens=kv_used,
+                kv_capacity_tokens=self.runner.num_slots * self.max_context,
+                max_batch=self.max_batch,
+                max_queue=self.max_queue,
+            )
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """The scheduler crashed: every live request gets the error, new requests are refused."""
+        with self._lock:
+            self._error = exc
+            live = list(self._live.values())
+            self._live.clear()
+        for seq in live:
+            seq.finished = True
+        self._deliver([(seq, RuntimeError(f"the inference engine failed: {exc!r}")) for seq in live])
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
+
+
+def _default_kv_budget(device: torch.device) -> int | None:
+    """A share of the device memory not yet allocated; None (one slot per batch entry) if unknown."""
+    info = memory_info(device)
+    total, used = info.get("total_bytes"), info.get("allocated_bytes")
+    if total is None or used is None:
+        return None
+    return int(max(0, total - used) * DEFAULT_KV_MEMORY_FRACTION)

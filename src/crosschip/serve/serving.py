@@ -1,0 +1,379 @@
+"""OpenAI serving: request validation, tokenization, n choices, stop strings, logprobs, usage.
+
+The layer between the thin HTTP router (`api.py`) and the engine (`engine_api.Engine`). Text-level
+concerns live here: chat templates, incremental detokenization (`TextStreamer`), stop strings,
+`n` > 1 as n engine requests (seed + i), and OpenAI's two logprobs shapes. The engine only ever
+sees token ids and sampling options.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from crosschip.serve import protocol as P
+from crosschip.serve.choices import Choice, Prompt, Run, guarded
+from crosschip.serve.engine_api import Engine, GenerationRequest, SamplingOptions, TokenLogprob
+from crosschip.serve.metrics import ServerMetrics
+from crosschip.serve.protocol import bad_request
+from crosschip.serve.text import StopTracker, TokenText, token_offsets
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    model_name: str
+    max_context: int
+    request_timeout_s: float = 300.0
+    max_n: int = 16  # choices per request (n x prompts); each is one engine sequence
+
+
+def _request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _check_utf8(text: str, param: str) -> None:
+    """JSON may carry lone surrogates (\\ud800) that are not encodable text: reject, don't crash."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{param} contains text that is not valid UTF-8 ({e.reason})", param) from e
+
+
+class _ServingBase:
+    """What both endpoints share: model check, sampling options, context check, choices."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, config: ServingConfig, metrics: ServerMetrics) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config = config
+        self.metrics = metrics
+        self.token_text = TokenText(tokenizer)
+        self.vocab_size = len(tokenizer)
+        eos = tokenizer.eos_token_id
+        self.stop_token_ids: tuple[int, ...] = () if eos is None else (int(eos),)
+
+    def check_common(self, req: P.SamplingFields, model: str, num_prompts: int) -> None:
+        if model != self.config.model_name:
+            raise bad_request(
+                f"model {model!r} does not exist; this server serves {self.config.model_name!r}",
+                "model",
+                code="model_not_found",
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(req, name) not in (None, 0.0):
+                raise bad_request(f"{name} is not supported (only 0)", name, code="unsupported_parameter")
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias", code="unsupported_parameter")
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        limit = self.config.max_n
+        if req.n * num_prompts > limit:
+            raise bad_request(
+                f"n={req.n} x {num_prompts} prompt(s) exceeds this server's limit of {limit} choices", "n"
+            )
+        for s in req.stop_sequences():
+            _check_utf8(s, "stop")
+
+    def max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str) -> int:
+        """Check prompt + max_tokens against the context; None means 'the rest of the context'."""
+        ctx = self.config.max_context
+        if prompt_len >= ctx:
+            raise bad_request(
+                f"the prompt is {prompt_len} tokens; this model's context is {ctx} tokens (the "
+                f"prompt must leave room for at least 1 generated token)",
+                prompt_param,
+                code="context_length_exceeded",
+            )
+        if requested is None:
+            return ctx - prompt_len
+        if prompt_len + requested > ctx:
+            raise bad_request(
+                f"this model's context is {ctx} tokens; you requested {prompt_len + requested} "
+                f"({prompt_len} in the prompt, {requested} max_tokens)",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
+        return requested
+
+    def sampling(
+        self,
+        req: P.SamplingFields,
+        max_tokens: int,
+        i: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
+    ) -> SamplingOptions:
+        top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+        return SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=top_k,
+            seed=None if req.seed is None else req.seed + i,
+            stop_token_ids=() if req.ignore_eos else self.stop_token_ids,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def make_choices(
+        self,
+        req: P.SamplingFields,
+        prompts: list[Prompt],
+        base_id: str,
+        prompt_param: str,
+        logprobs: int | None,
+        prompt_logprobs: int | None,
+        requested_max: int | None,
+    ) -> list[Choice]:
+        choices = []
+        for p_idx, prompt in enumerate(prompts):
+            max_tokens = self.max_tokens(requested_max, len(prompt.ids), prompt_param)
+            for i in range(req.n):
+                index = p_idx * req.n + i
+                options = self.sampling(req, max_tokens, i, logprobs, prompt_logprobs)
+                request = GenerationRequest(
+                    f"{base_id}-{index}", prompt.ids, options, timeout_s=self.config.request_timeout_s
+                )
+                tracker = StopTracker(self.tokenizer, prompt.ids, req.stop_sequences())
+                choices.append(Choice(index, prompt, request, tracker))
+        return choices
+
+    def new_run(self, choices: list[Choice], prompt_param: str) -> Run:
+        return Run(self.engine, self.metrics, choices, prompt_param, self.config.request_timeout_s)
+
+
+def _clamp(logprob: float) -> float:
+    """JSON has no -inf; OpenAI uses -9999.0 for 'very unlikely'."""
+    return logprob if logprob > -9999.0 else -9999.0
+
+
+async def _admitted(run: Run) -> list[Choice]:
+    """Wait for admission of every choice (see `Run.admit`); close the streams if that fails."""
+    try:
+        return await run.admit()
+    except BaseException:
+        await run.merger.close()
+        raise
+
+
+class OpenAIServingCompletion(_ServingBase):
+    """POST /v1/completions: text or token-id prompts, echo with prompt logprobs, legacy logprobs."""
+
+    async def create(self, req: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[BaseModel]:
+        prompts = self._prompts(req.prompt)
+        self.check_common(req, req.model, len(prompts))
+        if req.suffix:
+            raise bad_request("suffix is not supported", "suffix", code="unsupported_parameter")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request(
+                "best_of other than n is not supported", "best_of", code="unsupported_parameter"
+            )
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
+        rid = _request_id("cmpl")
+        choices = self.make_choices(
+            req, prompts, rid, "prompt", req.logprobs, prompt_logprobs, req.max_tokens
+        )
+        run = self.new_run(choices, "prompt")
+        if req.stream:
+            touched = await _admitted(run)
+            return guarded(run, self._stream(req, run, touched, rid))
+        try:
+            await run.run_to_end()
+        finally:
+            await run.merger.close()
+        out = [
+            P.CompletionChoice(
+                text=(c.prompt.text if req.echo else "") + c.tracker.text,
+                index=c.index,
+                logprobs=self._logprobs(c, req.echo, req.logprobs),
+                finish_reason=c.finish_reason,
+            )
+            for c in choices
+        ]
+        return P.CompletionResponse(id=rid, model=self.config.model_name, choices=out, usage=run.usage())
+
+    def _prompts(self, prompt: P.PromptField) -> list[Prompt]:
+        if isinstance(prompt, str):
+            return [self._text_prompt(prompt)]
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        if all(isinstance(p, str) for p in prompt):
+            return [self._text_prompt(p) for p in prompt]  # type: ignore[arg-type]
+        if all(isinstance(p, int) for p in prompt):
+            return [self._ids_prompt(prompt)]  # type: ignore[arg-type]
+        return [self._ids_prompt(p) for p in prompt]  # type: ignore[arg-type]
+
+    def _text_prompt(self, text: str) -> Prompt:
+        _check_utf8(text, "prompt")
+        ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = self.tokenizer.bos_token_id
+        # Training packs every document after BOS (see data/tokenizer.py), so plain text continues from BOS.
+        full = ids if bos is None else (int(bos), *ids)
+        if not full:
+            raise bad_request("prompt must not be empty", "prompt")
+        return Prompt(full, ids, text)
+
+    def _ids_prompt(self, ids: Sequence[int]) -> Prompt:
+        if not ids:
+            raise bad_request("a token-id prompt must not be empty", "prompt")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise bad_request(f"prompt token ids must be in [0, {self.vocab_size}); got {bad[0]}", "prompt")
+        ids = tuple(int(t) for t in ids)
+        return Prompt(ids, ids, self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def _top(self, entry: TokenLogprob) -> dict[str, float]:
+        # OpenAI: the top-K plus the sampled token, so up to K + 1 entries.
+        top = {self.token_text.text(t): _clamp(lp) for t, lp in entry.top}
+        top.setdefault(self.token_text.text(entry.token_id), _clamp(entry.logprob))
+        return top
+
+    def _add(self, lp: P.CompletionLogprobs, token_id: int, entry: TokenLogprob | None, offset: int) -> None:
+        lp.tokens.append(self.token_text.text(token_id))
+        lp.token_logprobs.append(None if entry is None else _clamp(entry.logprob))
+        lp.top_logprobs.append(None if entry is None else self._top(entry))
+        lp.text_offset.append(offset)
+
+    def _prompt_logprobs(self, c: Choice, lp: P.CompletionLogprobs) -> None:
+        entries = list(c.prompt_logprobs or [])
+        skip = len(c.prompt.ids) - len(c.prompt.echo_ids)  # a server-added BOS is not echoed
+        entries = entries[skip:] + [None] * (len(c.prompt.echo_ids) - len(entries[skip:]))
+        offsets, _ = token_offsets(self.tokenizer, c.prompt.echo_ids)
+        for token_id, entry, offset in zip(c.prompt.echo_ids, entries, offsets, strict=True):
+            self._add(lp, token_id, entry, offset)
+
+    def _logprobs(
+        self, c: Choice, echo: bool, k: int | None, span: range | None = None, with_prompt: bool | None = None
+    ) -> P.CompletionLogprobs | None:
+        if k is None:
+            return None
+        lp = P.CompletionLogprobs()
+        if echo if with_prompt is None else with_prompt:
+            self._prompt_logprobs(c, lp)
+        base = len(c.prompt.text) if echo else 0
+        for pos in span if span is not None else range(c.kept_tokens()):
+            entry = c.logprobs[pos] if pos < len(c.logprobs) else None
+            self._add(lp, c.token_ids[pos], entry, base + c.offsets[pos])
+        return lp
+
+    async def _stream(
+        self, req: P.CompletionRequest, run: Run, touched: list[Choice], rid: str
+    ) -> AsyncIterator[BaseModel]:
+        def chunk(choices: list[P.CompletionChoice], usage: P.UsageInfo | None = None) -> BaseModel:
+            return P.CompletionStreamResponse(
+                id=rid, model=self.config.model_name, choices=choices, usage=usage
+            )
+
+        if req.echo:
+            for c in run.choices:
+                lp = self._logprobs(c, True, req.logprobs, span=range(0), with_prompt=True)
+                yield chunk([P.CompletionChoice(text=c.prompt.text, index=c.index, logprobs=lp)])
+        async for c, text, span, finish in run.deltas(touched):
+            lp = self._logprobs(c, req.echo, req.logprobs, span=span, with_prompt=False)
+            yield chunk([P.CompletionChoice(text=text, index=c.index, logprobs=lp, finish_reason=finish)])
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield chunk([], run.usage())
+
+
+class OpenAIServingChat(_ServingBase):
+    """POST /v1/chat/completions: the checkpoint's chat template, chat-shaped logprobs."""
+
+    async def create(
+        self, req: P.ChatCompletionRequest
+    ) -> P.ChatCompletionResponse | AsyncIterator[BaseModel]:
+        self.check_common(req, req.model, 1)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        prompt = self._render(req.messages)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        rid = _request_id("chatcmpl")
+        choices = self.make_choices(req, [prompt], rid, "messages", k, None, requested)
+        run = self.new_run(choices, "messages")
+        if req.stream:
+            touched = await _admitted(run)
+            return guarded(run, self._stream(req, run, touched, rid))
+        try:
+            await run.run_to_end()
+        finally:
+            await run.merger.close()
+        out = [
+            P.ChatCompletionChoice(
+                index=c.index,
+                message=P.ChatResponseMessage(content=c.tracker.text),
+                logprobs=self._logprobs(c, k, range(c.kept_tokens())),
+                finish_reason=c.finish_reason,
+            )
+            for c in choices
+        ]
+        return P.ChatCompletionResponse(id=rid, model=self.config.model_name, choices=out, usage=run.usage())
+
+    def _render(self, messages: list[P.ChatMessage]) -> Prompt:
+        turns = []
+        for i, m in enumerate(messages):
+            text = m.text()
+            _check_utf8(text, f"messages[{i}].content")
+            # The crosschip template knows system/user/assistant/tool; OpenAI's "developer" is a system turn.
+            turns.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request("this model's tokenizer has no chat template; use /v1/completions", "messages")
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+        try:
+            text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        except (TemplateError, ValueError, TypeError, KeyError) as e:  # e.g. the template's raise_exception
+            raise bad_request(f"the messages do not fit this model's chat template: {e}", "messages") from e
+        ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return Prompt(ids, ids, text)
+
+    def _entry(self, token_id: int, logprob: float) -> P.TopLogprob:
+        return P.TopLogprob(
+            token=self.token_text.text(token_id),
+            logprob=_clamp(logprob),
+            bytes=list(self.token_text.bytes(token_id)),
+        )
+
+    def _logprobs(self, c: Choice, k: int | None, span: range) -> P.ChatChoiceLogprobs | None:
+        if k is None:
+            return None
+        content = []
+        for pos in span:
+            token_id = c.token_ids[pos]
+            entry = c.logprobs[pos] if pos < len(c.logprobs) else None
+            head = self._entry(token_id, entry.logprob if entry else float("nan"))
+            top = [self._entry(t, lp) for t, lp in (entry.top if entry else ())]
+            content.append(
+                P.ChatTokenLogprob(token=head.token, logprob=head.logprob, bytes=head.bytes, top_logprobs=top)
+            )
+        return P.ChatChoiceLogprobs(content=content)
+
+    async def _stream(
+        self, req: P.ChatCompletionRequest, run: Run, touched: list[Choice], rid: str
+    ) -> AsyncIterator[BaseModel]:
+        k = (req.top_logprobs or 0) if req.logprobs else None
+
+        def chunk(choices: list[P.ChatCompletionStreamChoice], usage: P.UsageInfo | None = None) -> BaseModel:
+            return P.ChatCompletionStreamResponse(
+                id=rid, model=self.config.model_name, choices=choices, usage=usage
+            )
+
+        for c in run.choices:  # OpenAI opens every choice with the role
+            yield chunk(
+                [
+                    P.ChatCompletionStreamChoice(
+                        index=c.index, delta=P.DeltaMessage(role="assistant", content="")
+                    )
+                ]
+            )
+        async for c, text, span, finish in run.deltas(touched):
+            delta = P.DeltaMessage(content=text or None)
+            lp = self._logprobs(c, k, span)
+            yield chunk(
+                [P.ChatCompletionStreamChoice(index=c.index, delta=delta, finish_reason=finish, logprobs=lp)]
+            )
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield chunk([], run.usage())

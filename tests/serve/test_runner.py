@@ -1,0 +1,184 @@
+"""Model runners against Hugging Face's own forward: prefill and step-by-step decode logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedModel, Qwen2Config
+
+from crosschip import models
+from crosschip.errors import CrosschipError
+from crosschip.serve.runner import (
+    DenseRunner,
+    HFRunner,
+    _onednn_linear,
+    dense_kv_bytes_per_token,
+    fast_path_problem,
+    make_runner,
+    measure_kv_bytes_per_token,
+    pick_layouts,
+    plan_slots,
+)
+
+VOCAB = 400
+FP32_ATOL = 2e-5  # observed ~5e-7: a wrong mask, RoPE or GQA mapping is off by >1e-2
+
+
+def preset_model(preset: str, seed: int = 0) -> PreTrainedModel:
+    return models.build_model(models.get_preset(preset).build_config(VOCAB, 0, 1, 2), seed=seed).eval()
+
+
+@torch.no_grad()
+def hf_logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """HF's full-sequence forward: logits [S, V] for ids [S]."""
+    return model(input_ids=ids[None]).logits[0].float()
+
+
+def prompts(n: int, lengths: list[int]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(n)
+    return [torch.randint(3, VOCAB, (length,), generator=gen) for length in lengths]
+
+
+def check_against_hf(model: PreTrainedModel, runner: object, atol: float) -> None:
+    """Prefill three sequences (slots 0-2) to different lengths, then decode them together step by step.
+
+    Every logit row must equal HF's forward over the whole sequence at that position.
+    """
+    seqs = prompts(1, [20, 16, 26])
+    starts = [9, 4, 15]  # prompt lengths; the rest of each sequence is fed one token per decode step
+    refs = [hf_logits(model, s) for s in seqs]
+    for slot, (s, start, ref) in enumerate(zip(seqs, starts, refs, strict=True)):
+        got = runner.prefill(slot, s[:start])
+        torch.testing.assert_close(got, ref[:start], atol=atol, rtol=0)
+        assert runner.prefill(slot, s[:start], last_only=True).shape == (1, VOCAB)
+    for step in range(10):
+        positions = torch.tensor([start + step for start in starts])
+        tokens = torch.stack([s[p] for s, p in zip(seqs, positions.tolist(), strict=True)])
+        got = runner.decode(None, tokens, positions)  # [3, V]
+        want = torch.stack([ref[p] for ref, p in zip(refs, positions.tolist(), strict=True)])
+        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+ONEDNN = pytest.mark.skipif(_onednn_linear() is None, reason="this torch build has no oneDNN linear")
+
+
+@pytest.mark.parametrize(
+    ("preset", "layout"),
+    [
+        ("tiny", "nt"),
+        ("tiny", "nn"),
+        pytest.param("tiny", "dnn", marks=ONEDNN),
+        ("small", "nt"),
+        ("small", "nn"),
+        pytest.param("small", "dnn", marks=ONEDNN),
+    ],
+)
+def test_dense_runner_matches_hf_fp32(preset: str, layout: str) -> None:
+    model = preset_model(preset)
+    runner = make_runner(model, max_batch=4, max_context=64, layout=layout)
+    assert isinstance(runner, DenseRunner)
+    check_against_hf(model, runner, FP32_ATOL)
+
+
+def test_generic_runner_matches_hf_fp32_on_deepseek() -> None:
+    model = preset_model("deepseek-tiny")
+    assert fast_path_problem(model, 64) is not None  # MLA + MoE: no dense fast path
+    runner = make_runner(model, max_batch=4, max_context=64)
+    assert isinstance(runner, HFRunner)
+    check_against_hf(model, runner, FP32_ATOL)
+
+
+def test_generic_runner_also_runs_llama() -> None:
+    model = preset_model("tiny")
+    runner = make_runner(model, max_batch=4, max_context=64, generic=True)
+    assert isinstance(runner, HFRunner)
+    check_against_hf(model, runner, FP32_ATOL)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_dense_runner_bf16_within_bf16_tolerance(preset: str) -> None:
+    model = preset_model(preset)
+    ids = prompts(2, [30])[0]
+    ref32 = hf_logits(model, ids)
+    model = model.to(torch.bfloat16)
+    ref16 = hf_logits(model, ids)
+    runner = make_runner(model, max_batch=2, max_context=64, layout="nt")
+    got = [runner.prefill(0, ids[:20])]
+    got += [runner.decode(None, ids[p : p + 1], torch.tensor([p])) for p in range(20, 30)]
+    got_all = torch.cat(got)
+    # Same bf16 arithmetic as HF up to summation order: well within one bf16 ulp of the logit scale,
+    # and no further from the fp32 truth than HF's own bf16 forward (plus a little).
+    assert (got_all - ref16).abs().max() < 0.03
+    assert (got_all - ref32).abs().max() < 2 * (ref16 - ref32).abs().max() + 5e-3
+
+
+def test_decode_through_gathered_slots_and_after_move() -> None:
+    model = preset_model("tiny")
+    runner = make_runner(model, max_batch=4, max_context=64, layout="nt")
+    seq = prompts(3, [20])[0]
+    ref = hf_logits(model, seq)
+    runner.prefill(0, prompts(4, [7])[0])  # another sequence in slot 0
+    runner.prefill(3, seq[:12])
+    got = runner.decode(torch.tensor([3]), seq[12:13], torch.tensor([12]))  # gather path, slot 3 alone
+    torch.testing.assert_close(got[0], ref[12], atol=FP32_ATOL, rtol=0)
+    runner.move(3, 1, length=13)  # compaction: slot 3's 13 cached positions now live in slot 1
+    for p in range(13, 16):
+        both = runner.decode(None, torch.stack([seq[0], seq[p]]), torch.tensor([7, p]))  # slots 0 and 1
+        torch.testing.assert_close(both[1], ref[p], atol=FP32_ATOL, rtol=0)
+
+
+def test_hf_module_still_matches_after_weight_fusion() -> None:
+    """The runner rebinds HF's q/k/v and gate/up weights to views of fused tensors: same values."""
+    model = preset_model("tiny")
+    ids = prompts(5, [16])[0]
+    before = hf_logits(model, ids)
+    make_runner(model, max_batch=1, max_context=32, layout="nn")
+    torch.testing.assert_close(hf_logits(model, ids), before, atol=FP32_ATOL, rtol=0)
+
+
+def _tiny(config_cls: type, **extra: object) -> PreTrainedModel:
+    config = config_cls(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: _tiny(MistralConfig, sliding_window=None), lambda: _tiny(Qwen2Config)],
+    ids=["mistral", "qwen2-qkv-bias"],
+)
+def test_dense_runner_covers_llama_like_archs(make: object) -> None:
+    model = make()
+    runner = make_runner(model, max_batch=4, max_context=64, layout="nt")
+    assert isinstance(runner, DenseRunner)
+    check_against_hf(model, runner, FP32_ATOL)
+
+
+def test_sliding_window_shorter_than_context_uses_generic_runner() -> None:
+    model = _tiny(MistralConfig, sliding_window=16)
+    assert "sliding_window" in fast_path_problem(model, 64)
+    assert isinstance(make_runner(model, max_batch=1, max_context=64), HFRunner)
+
+
+def test_kv_accounting() -> None:
+    llama = preset_model("tiny")  # 2 layers, 2 KV heads of 16 dims, fp32
+    assert dense_kv_bytes_per_token(llama) == 2 * 2 * 2 * 16 * 4
+    assert measure_kv_bytes_per_token(llama) == dense_kv_bytes_per_token(llama)
+    runner = make_runner(llama, max_batch=8, max_context=64, kv_budget_bytes=3 * 64 * 512 + 100, layout="nt")
+    assert runner.num_slots == 3 and runner.kv_bytes_per_token == 512
+    # MLA caches the compressed latent + RoPE key: (kv_lora_rank 32 + rope 8) * 2 layers * 4 bytes
+    assert measure_kv_bytes_per_token(preset_model("deepseek-tiny")) == (32 + 8) * 2 * 4
+    assert plan_slots(16, 2048, 1000, None) == 16
+    with pytest.raises(CrosschipError, match="KV budget"):
+        plan_slots(4, 2048, 1000, 2048 * 1000 - 1)
+
+
+def test_pick_layouts_measures_every_shape() -> None:
+    layouts = pick_layouts({(48, 32), (32, 96)}, torch.float32, torch.device("cpu"), probe_bytes=2**16)
+    assert set(layouts) == {(48, 32), (32, 96)}
+    assert set(layouts.values()) <= {"nt", "nn", "dnn"}
+    with pytest.raises(CrosschipError, match="layout"):
+        make_runner(preset_model("tiny"), max_batch=1, max_context=32, layout="tn")
