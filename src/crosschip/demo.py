@@ -6,6 +6,9 @@ docstrings (real technical English every machine has), the model is the `small` 
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,12 +160,52 @@ def step_convert(ctx: DemoContext) -> None:
         )
 
 
+DEMO_SERVED = "ascend-310p-fp16"
+DEMO_CHAT = "What does a context manager do?"
+
+
+def _start_server(ckpt: Path) -> tuple[subprocess.Popen[str], str]:
+    """A real `crosschip serve` process on a free loopback port; returns it and its /v1 URL."""
+    cmd = [sys.executable, "-m", "crosschip.serve.api", str(ckpt), "--device", "cpu", "--port", "0",
+           "--max-batch", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "serving <model> at http://127.0.0.1:PORT/v1" once ready
+    if not line.startswith("serving "):
+        proc.kill()
+        raise CrosschipError(f"the demo server did not start: {proc.communicate()[1].strip()[-300:]}",
+                             "run `crosschip serve` on the checkpoint by hand to see why")
+    return proc, line.rsplit(" at ", 1)[1].strip()
+
+
+def step_serve(ctx: DemoContext) -> None:
+    """Serve the converted checkpoint, ask one chat question through the official openai client."""
+    from openai import OpenAI
+
+    ckpt = Path(ctx.summary["convert"][DEMO_SERVED]["path"])
+    proc, url = _start_server(ckpt)
+    try:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+        model = client.models.list().data[0].id
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": DEMO_CHAT}], max_tokens=40, temperature=0,
+        )
+        answer = reply.choices[0].message.content
+    finally:
+        proc.send_signal(signal.SIGTERM)  # drains, then exits
+        proc.wait(timeout=60)
+    ctx.summary["serve"] = {"checkpoint": str(ckpt), "url": url, "question": DEMO_CHAT, "answer": answer}
+    ctx.console.print(f"served {ckpt.name} at {url}\n  user: {DEMO_CHAT}\n  assistant: {answer!r}",
+                      highlight=False)
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("corpus", step_corpus),
     ("train", step_train),
     ("generate", step_generate),
     ("summary", step_summary),
     ("convert", step_convert),
+    ("serve", step_serve),
 ]
 
 
