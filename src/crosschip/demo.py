@@ -53,8 +53,12 @@ def demo_train_config(ctx: DemoContext, steps: int) -> TrainConfig:
     )
 
 
-def calibrate_step_seconds(cfg: TrainConfig, vocab_size: int, warmup: int = 2, timed: int = 3) -> float:
-    """Seconds per optimizer step of this config on this machine, timed on a throwaway model."""
+def calibrate_step_seconds(cfg: TrainConfig, vocab_size: int, warmup: int = 2, timed: int = 5) -> float:
+    """Seconds per optimizer step of this config on this machine, timed on a throwaway model.
+
+    The fastest of several steps: a transient load spike must not shrink the whole run (the time
+    budget in the train config stops it if the machine really is slower).
+    """
     from crosschip.data.loader import PackedBatches
 
     device = devices.resolve_device(cfg.device)
@@ -65,13 +69,15 @@ def calibrate_step_seconds(cfg: TrainConfig, vocab_size: int, warmup: int = 2, t
     rng = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab_size, (cfg.tokens_per_step * (warmup + timed) + 1,), generator=rng).numpy()
     loader = PackedBatches(tokens, cfg.batch_size, cfg.seq_len, seed=0)
+    times = []
     for i in range(warmup + timed):
-        if i == warmup:
-            devices.synchronize(device)
-            t0 = time.perf_counter()
+        devices.synchronize(device)
+        t0 = time.perf_counter()
         train_step(model, optimizer, None, loader, cfg, device, precision)
-    devices.synchronize(device)
-    return (time.perf_counter() - t0) / timed
+        devices.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def step_corpus(ctx: DemoContext) -> None:
