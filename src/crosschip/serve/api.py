@@ -42,17 +42,13 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _error(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    type_: str = "invalid_request_error",
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        APIError(status, message, param, code, type_).body(), status_code=status, headers=headers
-    )
+def _error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
+
+
+def _error(*args: Any, **kwargs: Any) -> JSONResponse:
+    """An OpenAI error response; takes `APIError`'s arguments."""
+    return _error_response(APIError(*args, **kwargs))
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -77,7 +73,7 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers or None)
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

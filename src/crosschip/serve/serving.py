@@ -146,6 +146,18 @@ class _ServingBase:
         return Run(self.engine, self.metrics, choices, prompt_param, self.config.request_timeout_s)
 
 
+    async def execute(self, req: Any, run: Run, rid: str) -> AsyncIterator[BaseModel] | None:
+        """Start streaming `run` (returns the chunk iterator), or run it to the end (returns None)."""
+        if req.stream:
+            touched = await _admitted(run)
+            return guarded(run, self._stream(req, run, touched, rid))  # type: ignore[attr-defined]
+        try:
+            await run.run_to_end()
+        finally:
+            await run.merger.close()
+        return None
+
+
 def _clamp(logprob: float) -> float:
     """JSON has no -inf; OpenAI uses -9999.0 for 'very unlikely'."""
     return logprob if logprob > -9999.0 else -9999.0
@@ -178,13 +190,9 @@ class OpenAIServingCompletion(_ServingBase):
             req, prompts, rid, "prompt", req.logprobs, prompt_logprobs, req.max_tokens
         )
         run = self.new_run(choices, "prompt")
-        if req.stream:
-            touched = await _admitted(run)
-            return guarded(run, self._stream(req, run, touched, rid))
-        try:
-            await run.run_to_end()
-        finally:
-            await run.merger.close()
+        streamed = await self.execute(req, run, rid)
+        if streamed is not None:
+            return streamed
         out = [
             P.CompletionChoice(
                 text=(c.prompt.text if req.echo else "") + c.tracker.text,
@@ -294,13 +302,9 @@ class OpenAIServingChat(_ServingBase):
         rid = _request_id("chatcmpl")
         choices = self.make_choices(req, [prompt], rid, "messages", k, None, requested)
         run = self.new_run(choices, "messages")
-        if req.stream:
-            touched = await _admitted(run)
-            return guarded(run, self._stream(req, run, touched, rid))
-        try:
-            await run.run_to_end()
-        finally:
-            await run.merger.close()
+        streamed = await self.execute(req, run, rid)
+        if streamed is not None:
+            return streamed
         out = [
             P.ChatCompletionChoice(
                 index=c.index,
