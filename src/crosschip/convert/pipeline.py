@@ -29,7 +29,7 @@ from crosschip.convert.quant import (
     FP8_BLOCK,
     FP8_DTYPE,
     TensorError,
-    _check_fp8_pair,
+    check_fp8_pair,
     check_fp16_audits,
     fp8_scale_shape,
 )
@@ -236,7 +236,7 @@ def dequantize_fp8_parts(name: str, shape: tuple[int, ...], read_rows: RowReader
     element is the same one fp32 product (v * 2^-8) * (s * 2^8) = v * s, rounded once to `dtype`.
     Memory is a few row blocks: the weight is never whole, in fp8, fp32 or `dtype`.
     """
-    _check_fp8_pair(torch.empty(shape, dtype=FP8_DTYPE, device="meta"), scale_inv, FP8_BLOCK, name)
+    check_fp8_pair(torch.empty(shape, dtype=FP8_DTYPE, device="meta"), scale_inv, FP8_BLOCK, name)
     rows, cols = shape
     writer.begin(name, dtype, (rows, cols))
     step = max(1, _PART_ELEMS // max(cols, 1) // FP8_BLOCK[0]) * FP8_BLOCK[0]

@@ -108,7 +108,7 @@ def fp8_block_quantize(
     return q, scale.contiguous()
 
 
-def _check_fp8_pair(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> None:
+def check_fp8_pair(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> None:
     if w_fp8.dtype != FP8_DTYPE:
         raise CrosschipError(f"{name}: expected a float8_e4m3fn weight, got {w_fp8.dtype}")
     if w_fp8.dim() != 2:
@@ -136,7 +136,7 @@ def fp8_block_dequantize(
     The fp32 product is what DeepSeek-V3 `weight_dequant` computes before storing to the default
     dtype; edge blocks smaller than 128 use the same scale (the padding was removed at export).
     """
-    _check_fp8_pair(w_fp8, scale_inv, block, name)
+    check_fp8_pair(w_fp8, scale_inv, block, name)
     blocks = _blocks(w_fp8.to(torch.float32), block) * scale_inv.to(torch.float32)[:, None, :, None]
     return _unblock(blocks, w_fp8.shape).to(dtype)
 
