@@ -8,28 +8,25 @@ is never written, and DST appears atomically with a `crosschip.json` that record
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import functools
 import json
 import math
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import crosschip
 from crosschip import checkpoint
 from crosschip.convert import layouts
+from crosschip.convert.fp8_stream import dequantize_fp8_parts
 from crosschip.convert.quant import (
-    FP8_BLOCK,
     FP8_DTYPE,
     TensorError,
-    check_fp8_pair,
     check_fp16_audits,
     fp8_scale_shape,
 )
@@ -50,11 +47,8 @@ _REWRITTEN = {"config.json", checkpoint.INDEX_NAME, checkpoint.MANIFEST_NAME, la
 _SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 Progress = Callable[[str, int, int], None]  # (tensor name, tensors done, bytes done)
-RowReader = Callable[[int, int, torch.Tensor], torch.Tensor]  # (start, stop, uint8 buffer) -> rows
 _SCALE_INV = "_scale_inv"
 _EXACT_DTYPES = (torch.bfloat16, torch.float32)  # plain casts with no range audit
-_PART_ELEMS = 2**21  # elements per row block of an FP8 dequantization: 8 MiB of fp32, cache-sized
-_FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()  # code -> value (read only)
 
 
 @dataclass
@@ -198,144 +192,6 @@ def _fp8_dequant_dtype(src: Source, plan: layouts.Plan, opts: ConvertOptions, na
     return dtype if dtype in _EXACT_DTYPES else None  # fp16 goes whole: it needs the range audit
 
 
-def _fp8_codes_to_float(codes: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> None:
-    """Finite e4m3fn codes -> float32 values exactly 2^-8 times theirs, ~8x faster than torch's cast.
-
-    Each code's bits become a float16 (sign, 4 exponent bits in the low 4 of fp16's 5, 3 mantissa
-    bits on top): fp16's exponent bias is 8 more than e4m3's, so the fp16 value is exactly
-    value * 2^-8, subnormals included, and fp16 -> fp32 is a vectorised cast. (NaN codes would
-    read as 1.875: callers check for them first.)
-    """
-    bits.copy_(codes.view(torch.int8))  # sign-extends: bits 15 and 14 both hold the sign
-    bits.bitwise_left_shift_(7).bitwise_and_(~0x4000)
-    out.copy_(bits.view(torch.float16))
-
-
-def _block_code_max(codes: torch.Tensor, mags: torch.Tensor) -> torch.Tensor:
-    """The largest |code| of each 128x128 block of rows of fp8 codes: uint8 [row blocks, col blocks].
-
-    With the sign bit cleared, e4m3 codes order like the magnitudes they encode, so this reads
-    one byte per element where a float max would read four; 0x7f in a block means it holds a NaN.
-    """
-    torch.bitwise_and(codes.view(torch.uint8), 0x7F, out=mags)
-    rows, cols = mags.shape
-    full, block = rows // FP8_BLOCK[0], FP8_BLOCK[0]
-    per_row_block = [mags[: full * block].view(full, block, cols).amax(dim=1)] if full else []
-    if rows % block:
-        per_row_block.append(mags[full * block :].amax(dim=0, keepdim=True))
-    by_rows = torch.cat(per_row_block)
-    return F.pad(by_rows, (0, -cols % FP8_BLOCK[1])).view(len(by_rows), -1, FP8_BLOCK[1]).amax(dim=-1)
-
-
-def dequantize_fp8_parts(name: str, shape: tuple[int, ...], read_rows: RowReader, scale_inv: torch.Tensor,
-                         dtype: torch.dtype, writer: ShardWriter) -> layouts.Encoded:
-    """FP8-block weight -> `dtype` (bf16 / fp32) in row blocks straight to the writer, measuring the error.
-
-    `read_rows(start, stop, out)` gives rows [start, stop) of the float8_e4m3fn weight (read into
-    the uint8 buffer `out`). Bit-identical to `fp8_block_dequantize(w, scale_inv).to(dtype)`: each
-    element is the same one fp32 product (v * 2^-8) * (s * 2^8) = v * s, rounded once to `dtype`.
-    Memory is a few row blocks: the weight is never whole, in fp8, fp32 or `dtype`.
-    """
-    check_fp8_pair(torch.empty(shape, dtype=FP8_DTYPE, device="meta"), scale_inv, FP8_BLOCK, name)
-    rows, cols = shape
-    writer.begin(name, dtype, (rows, cols))
-    step = max(1, _PART_ELEMS // max(cols, 1) // FP8_BLOCK[0]) * FP8_BLOCK[0]
-    with _one_torch_thread():
-        scale = scale_inv.to(torch.float32)
-        col_scale = scale.repeat_interleave(FP8_BLOCK[1], dim=1)[:, :cols]  # [row blocks, cols]
-        scaled = col_scale * 2.0**8  # exact unless it overflows, which disables the fast cast
-        fast = bool(torch.isfinite(scaled).all())
-        block = (min(step, rows), cols)
-        work, diff, bits = torch.empty(block), torch.empty(block), torch.empty(block, dtype=torch.int16)
-        buffer, mags = torch.empty(block, dtype=torch.uint8), torch.empty(block, dtype=torch.uint8)
-        err = _ErrorSums()
-        for r0 in range(0, rows if rows * cols else 0, step):
-            codes = read_rows(r0, min(r0 + step, rows), buffer)
-            n, b0 = codes.shape[0], r0 // FP8_BLOCK[0]
-            code_max = _block_code_max(codes, mags[:n])
-            finite = not bool((code_max == 0x7F).any())
-            # fp32 output: compute straight into the part that is queued (it must outlive this loop turn).
-            p = torch.empty(codes.shape) if dtype == torch.float32 else work[:n]
-            if fast and finite:
-                _fp8_codes_to_float(codes, bits[:n], p)
-            else:
-                p.copy_(codes)  # torch's cast: NaN codes stay NaN, huge scales are not pre-multiplied
-            _mul_block_rows(p, (scaled if fast and finite else col_scale)[b0:])
-            # max |v * s| is the largest code of a block times its scale (rounding is monotonic).
-            err.track_ref(_FP8_VALUES[code_max.long()].mul_(scale[b0 : b0 + len(code_max)].abs()) if finite else p)
-            if dtype == torch.float32:
-                writer.put_part(p)
-                err.add_exact()
-                continue
-            part = p.to(dtype)
-            writer.put_part(part)
-            err.add(p, part, diff[:n])
-    return layouts.Encoded({}, False, err.result(rows * cols), None)
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run torch ops on one thread for a while (restoring the count after).
-
-    The row-block ops take ~1 ms each; with 2 intra-op threads each one ends at a barrier that
-    waits for the second thread, which shares the cores with the writer (write + sha256) and the
-    source hasher, so every op can cost a scheduler time slice: on 2 cores a 2.8 GB conversion took
-    62 s with 2 threads and 32 s with one. One thread leaves the other core to the I/O threads.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _mul_block_rows(p: torch.Tensor, col_scale: torch.Tensor) -> None:
-    """p [r, cols] *= its block's scale, in place; `col_scale` row k is the scale row of rows 128k.. of p."""
-    block = FP8_BLOCK[0]
-    full = p.shape[0] // block
-    if full:
-        p[: full * block].view(full, block, -1).mul_(col_scale[:full, None, :])
-    if p.shape[0] % block:
-        p[full * block :].mul_(col_scale[full])
-
-
-class _ErrorSums:
-    """`quant.tensor_error` of a tensor accumulated over row blocks (max |diff|, max |ref|, sum diff^2)."""
-
-    def __init__(self) -> None:
-        self.max_abs, self.ref_max = torch.zeros(()), torch.zeros(())
-        self.squares = 0.0
-
-    def add(self, ref: torch.Tensor, approx: torch.Tensor, diff: torch.Tensor) -> None:
-        diff.copy_(approx)
-        diff.sub_(ref)
-        low, high = torch.aminmax(diff)
-        block_max = torch.maximum(-low, high)
-        self.max_abs = torch.maximum(self.max_abs, block_max)  # NaN propagates, as in max()
-        # An fp32 BLAS dot is 10x faster than a float64 norm and right to ~1e-5 (rmse is a statistic),
-        # unless the squares near fp32's underflow or overflow.
-        if 2.0**-60 < float(block_max) < 2.0**60:
-            self.squares += float(torch.dot(diff.view(-1), diff.view(-1)))
-        else:
-            self.squares += float(torch.linalg.vector_norm(diff, dtype=torch.float64)) ** 2
-
-    def add_exact(self) -> None:
-        """A block written as computed: diff = ref - ref, 0 where finite and NaN at inf / NaN."""
-        if not bool(torch.isfinite(self.ref_max)):
-            self.max_abs, self.squares = torch.full((), math.nan), math.nan
-
-    def track_ref(self, values: torch.Tensor) -> None:
-        """Fold in the reference values of a block (or any tensor with the same largest |value|)."""
-        low, high = torch.aminmax(values)
-        self.ref_max = torch.maximum(self.ref_max, torch.maximum(-low, high))
-
-    def result(self, numel: int) -> TensorError:
-        max_abs, ref_max = float(self.max_abs), float(self.ref_max)
-        max_rel = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else math.inf)
-        return TensorError(max_abs, max_rel, math.sqrt(self.squares / max(numel, 1)), ref_max)
-
-
 def _convert_tensors(src: Source, plan: layouts.Plan, opts: ConvertOptions, reader: SourceReader,
                      writer: ShardWriter, progress: Progress | None) -> tuple[dict[str, Any], list[Any]]:
     """The streaming loop; returns per-tensor errors and fp16 range audits."""
@@ -345,8 +201,9 @@ def _convert_tensors(src: Source, plan: layouts.Plan, opts: ConvertOptions, read
     for i, name in enumerate(src.groups):
         fp8_to = _fp8_dequant_dtype(src, plan, opts, name)
         if fp8_to is not None:  # read, dequantized and written in row blocks: never whole in memory
-            enc = dequantize_fp8_parts(name, src.infos[name].shape, functools.partial(reader.get_rows, name),
+            err = dequantize_fp8_parts(name, src.infos[name].shape, functools.partial(reader.get_rows, name),
                                        reader.get(name + _SCALE_INV), fp8_to, writer)
+            enc = layouts.Encoded({}, False, err, None)
         else:
             enc = _encode_whole(src, plan, opts, name, {s: reader.get(s) for s in src.groups[name]})
             for out_name in plan.outputs(name):

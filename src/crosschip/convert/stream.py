@@ -23,6 +23,7 @@ import torch
 
 from crosschip.checkpoint import safe_member
 from crosschip.errors import CrosschipError
+from crosschip.seqio import SequentialWriter
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, `Dtype` in safetensors/src/tensor.rs)
 DTYPES: dict[str, torch.dtype] = {
@@ -274,22 +275,21 @@ class ShardWriter:
                 pass
 
     def _write_shard(self, shard: list[OutSpec], path: Path, name: str) -> None:
-        digest = hashlib.sha256()
-        with open(path, "wb") as f:
-            header = shard_header(shard)
-            f.write(header)
-            digest.update(header)
+        out = SequentialWriter(path)
+        try:
+            out.write(shard_header(shard))
             for spec in shard:
                 left = spec.nbytes
                 while left > 0:
                     part = self._queue.get()
                     if part is None:
                         raise _ClosedEarly("writer closed before all tensors arrived")
-                    data = part.reshape(-1).view(torch.uint8).numpy()
-                    f.write(data)
-                    digest.update(data)
+                    out.write(part.reshape(-1).view(torch.uint8).numpy())
                     left -= part.nbytes
-        self.sha256[name] = digest.hexdigest()
+        except BaseException:
+            out.abort()
+            raise
+        self.sha256[name] = out.close()
 
 
 def hash_files(paths: Mapping[str, Path], result: dict[str, str]) -> threading.Thread:
