@@ -12,7 +12,9 @@ from typing import Any
 import torch
 
 from crosschip import devices
-from crosschip.data import iter_documents, stdlib_docstring_corpus, train_tokenizer
+from crosschip.checkpoint import write_checkpoint
+from crosschip.data import iter_documents, load_tokenizer, stdlib_docstring_corpus, train_tokenizer
+from crosschip.models import build_model, count_parameters, get_preset
 
 CORPUS_NAME = "corpus.jsonl"
 TOKENIZER_NAME = "tokenizer"
@@ -42,6 +44,19 @@ def prepare_data(workdir: Path, max_bytes: int, vocab_size: int) -> tuple[Path, 
         log(f"training a {vocab_size}-token BPE tokenizer into {tok_dir}")
         train_tokenizer(iter_documents(corpus), vocab_size, tok_dir)
     return corpus, tok_dir
+
+
+def build_checkpoint(workdir: Path, preset: str, tok_dir: Path, seed: int) -> Path:
+    """A random-init checkpoint of `preset` with the benchmark tokenizer (reused if present)."""
+    out = workdir / f"ckpt-{preset}"
+    if (out / "config.json").is_file():
+        return out
+    tok = load_tokenizer(tok_dir)
+    config = get_preset(preset).build_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    model = build_model(config, seed)
+    log(f"writing random-init {preset} checkpoint ({count_parameters(model) / 1e6:.1f}M params) to {out}")
+    write_checkpoint(out, model, tok, {"source": "benchmarks", "init": "random"})
+    return out
 
 
 def first_documents(corpus: Path, count: int, min_chars: int = 200) -> list[str]:

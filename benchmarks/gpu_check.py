@@ -23,7 +23,7 @@ import torch
 
 from _common import first_documents, log, machine, prepare_corpus, print_json
 from crosschip import devices
-from crosschip.checkpoint import load_model, load_tokenizer_if_present
+from crosschip.checkpoint import load_model, load_tokenizer_if_present, resolve_checkpoint_dir
 from crosschip.errors import CrosschipError
 from crosschip.generate import SamplingParams, generate
 from crosschip.train.config import TrainConfig
@@ -284,6 +284,38 @@ def check_fp8_block(ctx: Context) -> CheckResult:
 
 
 # ---------------------------------------------------------------- driver
+
+
+# ---------------------------------------------------------------- verify: bf16 on the device vs fp32 on the CPU
+
+
+@register("verify")
+def check_verify(ctx: Context) -> CheckResult:
+    """`crosschip verify` with ref = the tiny checkpoint on CPU fp32, target = the same on the device in bf16."""
+    from crosschip.verify.run import VerifyOptions, run_verify
+
+    name = "verify"
+    if "bf16" not in devices.train_precisions(ctx.device):
+        return CheckResult(name, SKIP, f"{ctx.device} has no native bf16")
+    try:  # the foundation check's checkpoint when it ran first in this workdir
+        ckpt = resolve_checkpoint_dir(ctx.workdir / "run")
+    except CrosschipError:
+        ckpt = _train_tiny(ctx)
+    opts = VerifyOptions(ref=f"{ckpt}@cpu:fp32", target=f"{ckpt}@{ctx.device}:bf16", max_new_tokens=24,
+                         report_dir=ctx.workdir / "verify-report", overwrite=True, certify=False)
+    report = run_verify(opts, log)
+    dist, layers = report.get("distribution") or {}, report.get("layers") or {}
+    greedy = report.get("greedy") or {}
+    figures = {k: dist.get(k) for k in ("kl_mean", "kl_mean_ci", "kl_p99", "kl_max", "top1_agreement",
+                                        "top5_overlap", "ppl_ratio", "tokens")}
+    figures |= {"greedy_identical": greedy.get("identical"), "greedy_prompts": greedy.get("prompts"),
+                "first_failing_layer": layers.get("first_failing"), "gates": report["gates"]}
+    summary = (f"{report['verdict']} ({report['precision']} gates): mean KL {dist.get('kl_mean', 0):.2e} nats, "
+               f"p99 {dist.get('kl_p99', 0):.2e}, top-1 {dist.get('top1_agreement', 0):.3f}, "
+               f"ppl ratio {dist.get('ppl_ratio', 0):.4f}, greedy identical "
+               f"{greedy.get('identical')}/{greedy.get('prompts')}, first failing layer "
+               f"{layers.get('first_failing')}")
+    return CheckResult(name, PASS if report["verdict"] == "pass" else FAIL, summary, figures)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

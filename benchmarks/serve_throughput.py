@@ -37,8 +37,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from _common import log, machine, prepare_data, print_json
-from crosschip.checkpoint import write_checkpoint
+from _common import build_checkpoint, log, machine, prepare_data, print_json
 from crosschip.data import iter_documents, load_tokenizer
 from crosschip.models import build_model, count_parameters, get_preset
 from crosschip.perf import measure_memory_bandwidth
@@ -52,19 +51,6 @@ SERVE_START_TIMEOUT_S = 180.0
 
 
 # ------------------------------------------------------------------------------ setup
-
-
-def build_checkpoint(workdir: Path, preset: str, tok_dir: Path, seed: int) -> Path:
-    """A random-init checkpoint of `preset` with the benchmark tokenizer (reused if present)."""
-    out = workdir / f"ckpt-{preset}"
-    if (out / "config.json").is_file():
-        return out
-    tok = load_tokenizer(tok_dir)
-    config = get_preset(preset).build_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    model = build_model(config, seed)
-    log(f"writing random-init {preset} checkpoint ({count_parameters(model) / 1e6:.1f}M params) to {out}")
-    write_checkpoint(out, model, tok, {"source": "benchmarks/serve_throughput.py", "init": "random"})
-    return out
 
 
 def prompt_ids(corpus: Path, tok_dir: Path, count: int, length: int) -> list[list[int]]:

@@ -230,6 +230,50 @@ def serve(
 
 
 @app.command()
+def verify(
+    ref: Annotated[str, typer.Option(help="Reference: CKPT[@DEVICE][:DTYPE] or http(s)://HOST:PORT/v1[#MODEL].")],
+    target: Annotated[str, typer.Option(help="Side to check against the reference (same forms).")],
+    prompts: Annotated[Path | None, typer.Option(help="Text or JSONL prompts (default: shipped set).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens per chat prompt (0: skip).")] = 32,
+    report: Annotated[Path | None, typer.Option(help="Write report.json and report.html here.")] = None,
+    emulate: Annotated[str | None, typer.Option(help="Target under a profile's numerics, e.g. ascend-310p.")] = None,
+    precision: Annotated[str | None, typer.Option(help="Gates: fp32 fp16 bf16 int8 fp8 (default: inferred).")] = None,
+    layers: Annotated[bool, typer.Option("--layers/--no-layers", help="Per-layer localization (in-process).")] = True,
+    isolated: Annotated[bool, typer.Option("--isolated/--no-isolated", help="Each layer on the ref's input.")] = True,
+    seq_len: Annotated[int, typer.Option(help="Tokens per teacher-forced row.")] = 128,
+    kl_mean_max: Annotated[float | None, typer.Option(help="Gate: upper CI bound of mean KL (nats).")] = None,
+    kl_p99_max: Annotated[float | None, typer.Option(help="Gate: p99 per-token KL (nats).")] = None,
+    top1_min: Annotated[float | None, typer.Option(help="Gate: top-1 agreement.")] = None,
+    ppl_ratio_max: Annotated[float | None, typer.Option(help="Gate: target/ref perplexity.")] = None,
+    certify: Annotated[bool, typer.Option("--certify/--no-certify", help="Record the verdict in the target.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check that TARGET computes what REF computes: distributions, greedy text and layer by layer.
+
+    Exit code 0 on pass, 1 on fail, 2 on a usage error."""
+    from crosschip.verify.report import render_table
+    from crosschip.verify.run import VerifyOptions, run_verify
+
+    opts = VerifyOptions(
+        ref=ref, target=target, prompts=prompts, max_new_tokens=max_new_tokens, report_dir=report,
+        overwrite=overwrite, emulate=emulate, precision=precision, layers=layers, isolated=isolated,
+        seq_len=seq_len, certify=certify,
+        gate_overrides={"kl_mean_max": kl_mean_max, "kl_p99_max": kl_p99_max, "top1_min": top1_min,
+                        "ppl_ratio_max": ppl_ratio_max},
+    )
+    result = run_verify(opts, log=None if json_out else (lambda m: err.print(m, highlight=False)))
+    if json_out:
+        _print_json(result)
+    else:
+        tables = render_table(result)
+        for table in tables if isinstance(tables, list) else [tables]:
+            out.print(table)
+        out.print(f"verdict: {result['verdict'].upper()}", highlight=False)
+    raise typer.Exit(0 if result["verdict"] == "pass" else 1)
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its corpus and run.")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option(help="Training steps (default: fit the time budget).")] = None,

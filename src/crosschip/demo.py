@@ -197,6 +197,8 @@ def step_serve(ctx: DemoContext) -> None:
             model=model, messages=[{"role": "user", "content": DEMO_CHAT}], max_tokens=40, temperature=0,
         )
         answer = reply.choices[0].message.content
+        trained = ctx.summary["train"]["checkpoint"]
+        ctx.summary["verify_endpoint"] = _verify(ctx, "endpoint", trained, f"{url}#{model}")
     finally:
         proc.send_signal(signal.SIGTERM)  # drains, then exits
         proc.wait(timeout=60)
@@ -205,12 +207,45 @@ def step_serve(ctx: DemoContext) -> None:
                       highlight=False)
 
 
+def _verify(ctx: DemoContext, name: str, ref: str, target: str, emulate: str | None = None) -> dict[str, Any]:
+    """One `crosschip verify` run, its verdict printed on a line; the report goes to workdir/verify/NAME."""
+    from crosschip.verify.run import VerifyOptions, run_verify
+
+    report_dir = ctx.workdir / "verify" / name
+    opts = VerifyOptions(ref=ref, target=target, emulate=emulate, report_dir=report_dir, overwrite=ctx.overwrite,
+                         max_new_tokens=16)
+    report = run_verify(opts)
+    dist = report.get("distribution") or {}
+    layers = report.get("layers") or {}
+    where = f", first failing layer {layers['first_failing']}" if layers.get("first_failing") else ""
+    label = f" (emulated {emulate})" if emulate else ""
+    ctx.console.print(
+        f"{name}{label}: {report['verdict'].upper()} ({report['precision']} gates): "
+        f"mean KL {dist.get('kl_mean', float('nan')):.2e} nats, top-1 {dist.get('top1_agreement', float('nan')):.3f}"
+        f"{where}\n  -> {report_dir}/report.html",
+        highlight=False,
+    )
+    return {"verdict": report["verdict"], "report": str(report_dir), "kl_mean": dist.get("kl_mean"),
+            "top1_agreement": dist.get("top1_agreement"), "first_failing": layers.get("first_failing")}
+
+
+def step_verify(ctx: DemoContext) -> None:
+    """Verify each converted checkpoint against the trained one, in-process (310P fp16 emulated)."""
+    trained = ctx.summary["train"]["checkpoint"]
+    ctx.summary["verify"] = {}
+    for name, target, _fmt in DEMO_CONVERSIONS:
+        path = ctx.summary["convert"][name]["path"]
+        emulate = target if target == "ascend-310p" else None
+        ctx.summary["verify"][name] = _verify(ctx, name, trained, path, emulate)
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("corpus", step_corpus),
     ("train", step_train),
     ("generate", step_generate),
     ("summary", step_summary),
     ("convert", step_convert),
+    ("verify", step_verify),
     ("serve", step_serve),
 ]
 

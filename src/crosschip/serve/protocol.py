@@ -127,6 +127,17 @@ def _as_list(value: str | list[str] | None) -> list[str]:
     return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
+# vLLM's extension, spelled the same: with logprobs, every token (and every top_logprobs key) is
+# rendered as "token_id:{id}", so scorers get exact ids even for tokens whose text is not valid UTF-8
+# or not unique (byte-level BPE fragments).
+TokenIdsField = Annotated[bool, Field(description="Render logprob tokens as 'token_id:{id}' (vLLM extension).")]
+
+
+def token_id_string(token_id: int) -> str:
+    """A token as `return_tokens_as_token_ids` renders it."""
+    return f"token_id:{token_id}"
+
+
 # ---------------------------------------------------------------- completions
 
 
@@ -141,6 +152,7 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
     max_tokens: Annotated[int | None, Field(ge=1)] = 16
     suffix: str | None = None
+    return_tokens_as_token_ids: TokenIdsField = False
 
 
 class CompletionLogprobs(OpenAIModel):
@@ -210,6 +222,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    return_tokens_as_token_ids: TokenIdsField = False
 
 
 class TopLogprob(OpenAIModel):

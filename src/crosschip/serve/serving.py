@@ -9,7 +9,7 @@ sees token ids and sampling options.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,10 @@ class _ServingBase:
         self.vocab_size = len(tokenizer)
         eos = tokenizer.eos_token_id
         self.stop_token_ids: tuple[int, ...] = () if eos is None else (int(eos),)
+
+    def token_namer(self, as_ids: bool) -> Callable[[int], str]:
+        """How logprobs name a token: its text, or "token_id:N" (`return_tokens_as_token_ids`)."""
+        return P.token_id_string if as_ids else self.token_text.text
 
     def check_common(self, req: P.SamplingFields, model: str, num_prompts: int) -> None:
         if model != self.config.model_name:
@@ -197,7 +201,7 @@ class OpenAIServingCompletion(_ServingBase):
             P.CompletionChoice(
                 text=(c.prompt.text if req.echo else "") + c.tracker.text,
                 index=c.index,
-                logprobs=self._logprobs(c, req.echo, req.logprobs),
+                logprobs=self._logprobs(c, req.echo, req.logprobs, as_ids=req.return_tokens_as_token_ids),
                 finish_reason=c.finish_reason,
             )
             for c in choices
@@ -234,38 +238,52 @@ class OpenAIServingCompletion(_ServingBase):
         ids = tuple(int(t) for t in ids)
         return Prompt(ids, ids, self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
-    def _top(self, entry: TokenLogprob) -> dict[str, float]:
+    def _top(self, entry: TokenLogprob, name: Callable[[int], str]) -> dict[str, float]:
         # OpenAI: the top-K plus the sampled token, so up to K + 1 entries.
-        top = {self.token_text.text(t): _clamp(lp) for t, lp in entry.top}
-        top.setdefault(self.token_text.text(entry.token_id), _clamp(entry.logprob))
+        top = {name(t): _clamp(lp) for t, lp in entry.top}
+        top.setdefault(name(entry.token_id), _clamp(entry.logprob))
         return top
 
-    def _add(self, lp: P.CompletionLogprobs, token_id: int, entry: TokenLogprob | None, offset: int) -> None:
-        lp.tokens.append(self.token_text.text(token_id))
+    def _add(
+        self,
+        lp: P.CompletionLogprobs,
+        token_id: int,
+        entry: TokenLogprob | None,
+        offset: int,
+        name: Callable[[int], str],
+    ) -> None:
+        lp.tokens.append(name(token_id))
         lp.token_logprobs.append(None if entry is None else _clamp(entry.logprob))
-        lp.top_logprobs.append(None if entry is None else self._top(entry))
+        lp.top_logprobs.append(None if entry is None else self._top(entry, name))
         lp.text_offset.append(offset)
 
-    def _prompt_logprobs(self, c: Choice, lp: P.CompletionLogprobs) -> None:
+    def _prompt_logprobs(self, c: Choice, lp: P.CompletionLogprobs, name: Callable[[int], str]) -> None:
         entries = list(c.prompt_logprobs or [])
         skip = len(c.prompt.ids) - len(c.prompt.echo_ids)  # a server-added BOS is not echoed
         entries = entries[skip:] + [None] * (len(c.prompt.echo_ids) - len(entries[skip:]))
         offsets, _ = token_offsets(self.tokenizer, c.prompt.echo_ids)
         for token_id, entry, offset in zip(c.prompt.echo_ids, entries, offsets, strict=True):
-            self._add(lp, token_id, entry, offset)
+            self._add(lp, token_id, entry, offset, name)
 
     def _logprobs(
-        self, c: Choice, echo: bool, k: int | None, span: range | None = None, with_prompt: bool | None = None
+        self,
+        c: Choice,
+        echo: bool,
+        k: int | None,
+        span: range | None = None,
+        with_prompt: bool | None = None,
+        as_ids: bool = False,
     ) -> P.CompletionLogprobs | None:
         if k is None:
             return None
+        name = self.token_namer(as_ids)
         lp = P.CompletionLogprobs()
         if echo if with_prompt is None else with_prompt:
-            self._prompt_logprobs(c, lp)
+            self._prompt_logprobs(c, lp, name)
         base = len(c.prompt.text) if echo else 0
         for pos in span if span is not None else range(c.kept_tokens()):
             entry = c.logprobs[pos] if pos < len(c.logprobs) else None
-            self._add(lp, c.token_ids[pos], entry, base + c.offsets[pos])
+            self._add(lp, c.token_ids[pos], entry, base + c.offsets[pos], name)
         return lp
 
     async def _stream(
@@ -276,12 +294,13 @@ class OpenAIServingCompletion(_ServingBase):
                 id=rid, model=self.config.model_name, choices=choices, usage=usage
             )
 
+        as_ids = req.return_tokens_as_token_ids
         if req.echo:
             for c in run.choices:
-                lp = self._logprobs(c, True, req.logprobs, span=range(0), with_prompt=True)
+                lp = self._logprobs(c, True, req.logprobs, span=range(0), with_prompt=True, as_ids=as_ids)
                 yield chunk([P.CompletionChoice(text=c.prompt.text, index=c.index, logprobs=lp)])
         async for c, text, span, finish in run.deltas(touched):
-            lp = self._logprobs(c, req.echo, req.logprobs, span=span, with_prompt=False)
+            lp = self._logprobs(c, req.echo, req.logprobs, span=span, with_prompt=False, as_ids=as_ids)
             yield chunk([P.CompletionChoice(text=text, index=c.index, logprobs=lp, finish_reason=finish)])
         if req.stream_options is not None and req.stream_options.include_usage:
             yield chunk([], run.usage())
@@ -309,7 +328,7 @@ class OpenAIServingChat(_ServingBase):
             P.ChatCompletionChoice(
                 index=c.index,
                 message=P.ChatResponseMessage(content=c.tracker.text),
-                logprobs=self._logprobs(c, k, range(c.kept_tokens())),
+                logprobs=self._logprobs(c, k, range(c.kept_tokens()), req.return_tokens_as_token_ids),
                 finish_reason=c.finish_reason,
             )
             for c in choices
@@ -334,22 +353,26 @@ class OpenAIServingChat(_ServingBase):
         ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return Prompt(ids, ids, text)
 
-    def _entry(self, token_id: int, logprob: float) -> P.TopLogprob:
+    def _entry(self, token_id: int, logprob: float, name: Callable[[int], str]) -> P.TopLogprob:
+        # `bytes` stays the token's real UTF-8 bytes also when `token` is rendered as "token_id:N".
         return P.TopLogprob(
-            token=self.token_text.text(token_id),
+            token=name(token_id),
             logprob=_clamp(logprob),
             bytes=list(self.token_text.bytes(token_id)),
         )
 
-    def _logprobs(self, c: Choice, k: int | None, span: range) -> P.ChatChoiceLogprobs | None:
+    def _logprobs(
+        self, c: Choice, k: int | None, span: range, as_ids: bool = False
+    ) -> P.ChatChoiceLogprobs | None:
         if k is None:
             return None
+        name = self.token_namer(as_ids)
         content = []
         for pos in span:
             token_id = c.token_ids[pos]
             entry = c.logprobs[pos] if pos < len(c.logprobs) else None
-            head = self._entry(token_id, entry.logprob if entry else float("nan"))
-            top = [self._entry(t, lp) for t, lp in (entry.top if entry else ())]
+            head = self._entry(token_id, entry.logprob if entry else float("nan"), name)
+            top = [self._entry(t, lp, name) for t, lp in (entry.top if entry else ())]
             content.append(
                 P.ChatTokenLogprob(token=head.token, logprob=head.logprob, bytes=head.bytes, top_logprobs=top)
             )
@@ -375,7 +398,7 @@ class OpenAIServingChat(_ServingBase):
             )
         async for c, text, span, finish in run.deltas(touched):
             delta = P.DeltaMessage(content=text or None)
-            lp = self._logprobs(c, k, span)
+            lp = self._logprobs(c, k, span, req.return_tokens_as_token_ids)
             yield chunk(
                 [P.ChatCompletionStreamChoice(index=c.index, delta=delta, finish_reason=finish, logprobs=lp)]
             )
