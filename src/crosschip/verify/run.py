@@ -33,8 +33,8 @@ _FULL_TOP_K = 5  # top-K kept per position when both sides give full distributio
 
 @dataclass
 class VerifyOptions:
-    ref: str
-    target: str
+    ref: str | Path  # a side: CKPT[@DEVICE][:DTYPE] or http(s)://HOST:PORT/v1[#MODEL]
+    target: str | Path
     prompts: Path | None = None
     max_new_tokens: int = 32
     report_dir: Path | None = None
@@ -82,7 +82,7 @@ def _precision(opts: VerifyOptions, spec: SideSpec, target: Side) -> str:
 
 
 def _open_sides(opts: VerifyOptions, log: Log) -> tuple[Side, Side, SideSpec, str | None]:
-    ref_spec, tgt_spec = parse_side(opts.ref), parse_side(opts.target)
+    ref_spec, tgt_spec = parse_side(str(opts.ref)), parse_side(str(opts.target))  # a Path is a checkpoint side
     emulated = None
     apply = None
     if opts.emulate is not None:
@@ -121,7 +121,7 @@ def _tokenizer(ref: Side, target: Side) -> Any:
 def score_sides(opts: VerifyOptions, ref: Side, target: Side, rows: list[list[int]], precision: str,
                 log: Log) -> tuple[list[TokenScores] | None, list[TokenScores] | None, Any, dict[str, str]]:
     """Teacher-forced scores of both sides (and the layer result when both run in-process)."""
-    in_process = all(hasattr(s, "model") for s in (ref, target))
+    in_process = all(s.info.kind == "checkpoint" for s in (ref, target))
     if opts.layers and in_process:
         from crosschip.verify.layers import localize
 
@@ -147,7 +147,7 @@ def _greedy_both(opts: VerifyOptions, ref: Side, target: Side, prompts: list[lis
     log(f"greedy continuations: {len(prompts)} prompts x {opts.max_new_tokens} tokens")
     stops = frozenset().union(*(getattr(s, "stop_ids", frozenset()) for s in (ref, target)))
     for side in (ref, target):
-        if hasattr(side, "stop_ids") and not hasattr(side, "model"):
+        if side.info.kind == "endpoint":
             side.stop_ids = stops  # an endpoint returns EOS where an in-process side stops before it
     try:
         ref_runs = [ref.greedy(p, opts.max_new_tokens, opts.top_n) for p in prompts]
