@@ -10,7 +10,10 @@ Both sides in-process on the same checkpoint: ref = CKPT (fp32), target = CKPT:b
 and prints both, and their ratio (target <= 1.5x). Model loading and greedy generation are outside
 both timings (they are the same work either way); the full `run_verify` wall time is printed too.
 
-    python benchmarks/verify_overhead.py [--preset small] [--seq-len 128] [--repeat 3] [--workdir DIR] [--json]
+Both the demo's `small` preset (5M parameters, where per-call Python overhead is largest) and `base`
+(32M, where the forwards dominate as they do in real models) are measured in one run.
+
+    python benchmarks/verify_overhead.py [--presets small,base] [--seq-len 128] [--repeat 3] [--workdir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -50,17 +53,17 @@ def timed_verify(opts: VerifyOptions, ref: Any, tgt: Any, rows: list[list[int]])
     return time.perf_counter() - start
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace, workdir: Path, preset: str) -> dict[str, Any]:
     torch.manual_seed(0)
     _, tok_dir = prepare_data(workdir, max_bytes=2_000_000, vocab_size=args.vocab)
-    ckpt = build_checkpoint(workdir, args.preset, tok_dir, seed=0)
+    ckpt = build_checkpoint(workdir, preset, tok_dir, seed=0)
     opts = VerifyOptions(ref=str(ckpt), target=f"{ckpt}:bf16", max_new_tokens=0, seq_len=args.seq_len,
                          batch_size=args.batch_size, certify=False)
     ref, tgt = open_side(parse_side(opts.ref)), open_side(parse_side(opts.target))
     texts, _ = tokenize_prompts(load_prompts(None), ref.tokenizer)
     rows = pack_rows(texts, args.seq_len)
     batches = [torch.tensor(rows[i : i + args.batch_size]) for i in range(0, len(rows), args.batch_size)]
-    log(f"{args.preset}: {len(rows)} rows x {args.seq_len} tokens, batch {args.batch_size}")
+    log(f"{preset}: {len(rows)} rows x {args.seq_len} tokens, batch {args.batch_size}")
     bare_forwards(ref.model, tgt.model, batches[:1])  # warm-up
     bare, verify = [], []
     for i in range(args.repeat):  # interleaved: machine noise hits both alike
@@ -72,15 +75,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     run_verify(opts)
     full = time.perf_counter() - start
-    return {"machine": machine(torch.device("cpu")), "preset": args.preset, "rows": len(rows),
+    return {"preset": preset, "rows": len(rows),
             "seq_len": args.seq_len, "tokens": len(rows) * args.seq_len, "bare_s": min(bare),
             "verify_s": min(verify), "ratio": min(verify) / min(bare), "run_verify_total_s": full,
             "bare_all": bare, "verify_all": verify}
 
 
 def print_report(r: dict[str, Any]) -> None:
-    m = r["machine"]
-    print(f"{m['device_name']}, {m['cpu_threads']} threads, torch {m['torch']}, {m['date_utc']}")
     print(f"preset {r['preset']}: ref = fp32 checkpoint, target = the same checkpoint in bf16, "
           f"{r['rows']} rows x {r['seq_len']} tokens = {r['tokens']} tokens (fastest of {len(r['bare_all'])})")
     print(f"bare forwards (ref + target):            {r['bare_s']:8.3f} s")
@@ -92,7 +93,7 @@ def print_report(r: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
+    parser.add_argument("--presets", default="small,base", help="comma-separated model presets")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -105,10 +106,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="crosschip-verify-bench-") as tmp:
-        result = run(args, Path(args.workdir or tmp))
+        results = [run(args, Path(args.workdir or tmp), p) for p in args.presets.split(",") if p]
     if args.json:
-        print_json(result)
-    else:
+        print_json({"machine": machine(torch.device("cpu")), "results": results})
+        return 0
+    m = machine(torch.device("cpu"))
+    print(f"{m['device_name']}, {m['cpu_threads']} threads, torch {m['torch']}, {m['date_utc']}")
+    for result in results:
         print_report(result)
     return 0
 

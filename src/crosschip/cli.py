@@ -274,6 +274,48 @@ def verify(
 
 
 @app.command()
+def check(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory, or a directory with only config.json.")],
+    target: Annotated[str, typer.Option(help="Target profile, e.g. ascend-910b (see `crosschip targets`).")],
+    devices: Annotated[int, typer.Option(help="Devices the model is served on (tensor parallel).")] = 1,
+    batch: Annotated[int, typer.Option(help="Concurrent sequences the KV cache must hold.")] = 1,
+    context: Annotated[int | None, typer.Option(help="Tokens per sequence (default: model max, <= 32768).")] = None,
+    script: Annotated[list[Path] | None, typer.Option(help="Script or directory to scan for CUDA-only code.")] = None,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="Write the code findings as CSV here.")] = None,
+    numerics: Annotated[bool, typer.Option("--numerics/--no-numerics", help="Probe fp16 ranges on CPU.")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Preflight: will CKPT and these scripts run on TARGET? PASS/WARN/FAIL per check, with the fix.
+
+    Exit code 0 when nothing fails, 1 when a check fails, 2 on a usage error."""
+    from crosschip.check.run import run_check_with_findings
+    from crosschip.fsio import atomic_write_bytes
+
+    if csv_path is not None and not script:
+        raise CrosschipError("--csv writes the code findings, but no --script was given", "add --script PATH")
+    report, findings = run_check_with_findings(
+        ckpt, target, devices=devices, batch=batch, context=context, scripts=script or (), numerics=numerics
+    )
+    if csv_path is not None:
+        from crosschip.check.code import findings_csv
+
+        atomic_write_bytes(csv_path, findings_csv(findings).encode("utf-8"))
+    if json_out:
+        _print_json(report.to_dict())
+    else:
+        colors = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red"}
+        table = Table("check", "status", show_lines=True)
+        table.add_column("reason", overflow="fold")
+        table.add_column("fix", overflow="fold")
+        for row in report.checks:
+            table.add_row(row.check, Text(row.status, style=colors[row.status]), Text(row.reason), Text(row.fix or ""))
+        out.print(table)
+        out.print(f"verdict: {report.verdict.upper()} ({report.target}, {report.devices} device(s), batch "
+                  f"{report.batch}, context {report.context}; {report.elapsed_s:.2f} s)", highlight=False)
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the demo writes its corpus and run.")] = Path("runs/demo"),
     steps: Annotated[int | None, typer.Option(help="Training steps (default: fit the time budget).")] = None,

@@ -5,6 +5,7 @@ The profiles are data, not code, so a new accelerator is a new TOML file; each o
 
 from __future__ import annotations
 
+import datetime as _dt
 import functools
 import re
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ SERVING_FORMATS: dict[str, tuple[str, ...]] = {
     "int8-w8a8-dynamic": ("int8",),
 }
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+# serving_architectures value meaning "every causal LM transformers' AutoModelForCausalLM loads"
+# (the cpu target, served by crosschip's own transformers-based runner).
+ANY_TRANSFORMERS_CAUSAL_LM = "any-transformers-causal-lm"
+_ARCH_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "name": str,
     "description": str,
@@ -48,6 +53,14 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "default_serving_format": str,
     "serving_stacks": list,
     "sources": list,
+}
+# Optional fields (a user's own profile may leave them out): what the serving stacks load, by Hugging
+# Face `architectures` class name, where that list comes from and when it was checked.
+_OPTIONAL_FIELDS: dict[str, type] = {
+    "serving_architectures": list,
+    "serving_architectures_unverified": list,
+    "serving_architectures_source": str,
+    "serving_architectures_date": str,
 }
 
 
@@ -74,6 +87,12 @@ class TargetProfile:
     default_serving_format: str
     serving_stacks: tuple[str, ...]
     sources: tuple[Source, ...]
+    # HF architecture classes the serving stacks document as supported on this chip.
+    serving_architectures: tuple[str, ...] = ()
+    # Supported by the same stack on sibling hardware, not documented on this chip: expect to test.
+    serving_architectures_unverified: tuple[str, ...] = ()
+    serving_architectures_source: str = ""  # URL of the list
+    serving_architectures_date: str = ""  # ISO date the list was checked
 
     def supports(self, dtype: str) -> bool:
         """Whether the target runs matmuls in ``dtype`` (one of DTYPES)."""
@@ -103,6 +122,10 @@ class TargetProfile:
             "default_serving_format": self.default_serving_format,
             "serving_stacks": list(self.serving_stacks),
             "sources": [{"title": s.title, "url": s.url} for s in self.sources],
+            "serving_architectures": list(self.serving_architectures),
+            "serving_architectures_unverified": list(self.serving_architectures_unverified),
+            "serving_architectures_source": self.serving_architectures_source,
+            "serving_architectures_date": self.serving_architectures_date,
         }
 
 
@@ -134,9 +157,15 @@ def _check_fields(raw: dict[str, Any], origin: str) -> None:
             raise _fail(
                 origin, field, f"has type {type(value).__name__}", f"make {field} a {_type_name(expected)}"
             )
-    unknown = sorted(set(raw) - set(_FIELDS))
+    for field, expected in _OPTIONAL_FIELDS.items():
+        if field in raw and not isinstance(raw[field], expected):
+            raise _fail(
+                origin, field, f"has type {type(raw[field]).__name__}", f"make {field} a {_type_name(expected)}"
+            )
+    unknown = sorted(set(raw) - set(_FIELDS) - set(_OPTIONAL_FIELDS))
     if unknown:
-        raise _fail(origin, unknown[0], "is not a known field", f"known fields: {', '.join(_FIELDS)}")
+        known = [*_FIELDS, *_OPTIONAL_FIELDS]
+        raise _fail(origin, unknown[0], "is not a known field", f"known fields: {', '.join(known)}")
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:
@@ -179,6 +208,34 @@ def _check_sources(raw: dict[str, Any], origin: str) -> tuple[Source, ...]:
             raise _fail(origin, "sources", f"has a non-http(s) url {url!r}", "use an http:// or https:// url")
         sources.append(Source(title=title.strip(), url=url))
     return tuple(sources)
+
+
+def _check_architectures(raw: dict[str, Any], origin: str) -> dict[str, Any]:
+    """The optional serving_architectures* fields, validated; a non-empty list needs its source and date."""
+    lists = {}
+    for field in ("serving_architectures", "serving_architectures_unverified"):
+        values = raw.get(field, [])
+        for value in values:
+            if not isinstance(value, str) or not (value == ANY_TRANSFORMERS_CAUSAL_LM or _ARCH_RE.match(value)):
+                fix = "list Hugging Face class names, e.g. LlamaForCausalLM"
+                raise _fail(origin, field, f"has a bad entry {value!r}", fix)
+        if len(set(values)) != len(values):
+            raise _fail(origin, field, "lists a value twice", f"remove the duplicate from {field}")
+        lists[field] = tuple(values)
+    both = set(lists["serving_architectures"]) & set(lists["serving_architectures_unverified"])
+    if both:
+        raise _fail(origin, "serving_architectures_unverified", f"repeats {sorted(both)[0]!r}", "list it only once")
+    source = raw.get("serving_architectures_source", "")
+    date = raw.get("serving_architectures_date", "")
+    if any(lists.values()):
+        if not re.match(r"^https?://\S+$", source):
+            raise _fail(origin, "serving_architectures_source", f"is {source!r}", "give the URL the list comes from")
+        try:
+            _dt.date.fromisoformat(date)
+        except ValueError as exc:
+            fix = "give the ISO date it was checked, e.g. 2026-11-29"
+            raise _fail(origin, "serving_architectures_date", f"is {date!r}", fix) from exc
+    return {**lists, "serving_architectures_source": source, "serving_architectures_date": date}
 
 
 def _check_memory(raw: dict[str, Any], device_type: str, origin: str) -> float:
@@ -232,6 +289,7 @@ def _profile_from_dict(raw: dict[str, Any], origin: str) -> TargetProfile:
         default_serving_format=_check_choice(raw, "default_serving_format", tuple(SERVING_FORMATS), origin),
         serving_stacks=tuple(raw["serving_stacks"]),
         sources=_check_sources(raw, origin),
+        **_check_architectures(raw, origin),
     )
     if not profile.matmul_dtypes:
         raise _fail(origin, "matmul_dtypes", "is empty", f"list dtypes from: {', '.join(DTYPES)}")
