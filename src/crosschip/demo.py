@@ -146,6 +146,38 @@ DEMO_CONVERSIONS = (  # (output name, target profile, format): what the demo's s
 )
 
 
+DEMO_CHECK_TARGETS = ("ascend-910b", "ascend-310p")
+
+
+def _check(ctx: DemoContext, ckpt: Path, target: str, label: str) -> dict[str, Any]:
+    """`crosschip check CKPT --target T`, one line per target plus its failing checks' fixes."""
+    from crosschip.check.run import run_check
+
+    report = run_check(Path(ckpt), target)
+    failed = [c for c in report.checks if c.status == "FAIL"]
+    warned = [c.check for c in report.checks if c.status == "WARN"]
+    verdict = "FAIL" if report.exit_code else "PASS"  # warnings do not fail a check (exit 0)
+    ctx.console.print(f"{label} on {target}: {verdict}"
+                      + (f" (warnings: {', '.join(warned)})" if warned else ""), highlight=False)
+    for c in failed:
+        ctx.console.print(f"  FAIL {c.check}: {c.reason}\n    fix: {c.fix}", highlight=False)
+    return {"verdict": report.verdict, "failed": [c.check for c in failed], "warned": warned}
+
+
+def step_check(ctx: DemoContext) -> None:
+    """Preflight the trained checkpoint on the demo's serving chips (before conversion)."""
+    source = Path(ctx.summary["train"]["checkpoint"])
+    ctx.summary["check"] = {t: _check(ctx, source, t, "trained checkpoint (fp32)") for t in DEMO_CHECK_TARGETS}
+
+
+def step_recheck(ctx: DemoContext) -> None:
+    """Preflight each converted checkpoint on its chip: FAIL -> convert -> PASS."""
+    ctx.summary["recheck"] = {
+        name: _check(ctx, Path(ctx.summary["convert"][name]["path"]), target, name)
+        for name, target, _fmt in DEMO_CONVERSIONS
+    }
+
+
 def step_convert(ctx: DemoContext) -> None:
     """Re-encode the trained checkpoint for the demo's serving targets and report the error."""
     from crosschip.convert.pipeline import convert, resolve_options
@@ -244,7 +276,9 @@ STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("train", step_train),
     ("generate", step_generate),
     ("summary", step_summary),
+    ("check", step_check),
     ("convert", step_convert),
+    ("check again", step_recheck),
     ("verify", step_verify),
     ("serve", step_serve),
 ]

@@ -138,12 +138,12 @@ def test_plan_min_devices_and_max_context_are_tight() -> None:
 # ------------------------------------------------------------------------------------ closed form = meta model
 
 
+SMALL_LLAMA = {**LLAMA3_8B, "vocab_size": 300, "bos_token_id": 0, "eos_token_id": 1, "hidden_size": 64,
+               "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 SMALL_CONFIGS = {
-    "llama": {**LLAMA3_8B, "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2},
-    "llama-biased-tied": {**LLAMA3_8B, "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
-                          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1,
-                          "head_dim": 32, "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
+    "llama": SMALL_LLAMA,
+    "llama-biased-tied": {**SMALL_LLAMA, "num_key_value_heads": 1, "head_dim": 32, "attention_bias": True,
+                          "mlp_bias": True, "tie_word_embeddings": True},
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 300, "hidden_size": 64,
               "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "tie_word_embeddings": False},

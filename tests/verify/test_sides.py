@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,8 +33,7 @@ from crosschip.verify.sides import (
     parse_side,
     plan_batches,
 )
-
-READY = re.compile(r"serving (\S+) at (http://\S+/v1)")
+from serverkit import start_server
 
 
 @pytest.fixture(scope="module")
@@ -225,38 +221,12 @@ def test_open_side_dtype_and_emulation_hook(ckpt: Path, prompts: Any) -> None:
 # ---------------------------------------------------------------- EndpointSide against a real server
 
 
-def _read_log(proc: subprocess.Popen[str], log: list[str], ready: threading.Event, found: list[str]) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        log.append(line)
-        match = READY.search(line)
-        if match and not ready.is_set():
-            found.extend(match.groups())
-            ready.set()
-    ready.set()
-
-
 @pytest.fixture(scope="module")
 def server_url(ckpt: Path) -> Iterator[str]:
-    """`python -m crosschip.serve.api CKPT` (as tests/serve/conftest.py starts it); its /v1 URL."""
-    cmd = [sys.executable, "-m", "crosschip.serve.api", str(ckpt), "--device", "cpu", "--port", "0"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    log: list[str] = []
-    found: list[str] = []
-    ready = threading.Event()
-    threading.Thread(target=_read_log, args=(proc, log, ready, found), daemon=True).start()
-    if not ready.wait(120) or not found:
-        proc.kill()
-        proc.wait()
-        pytest.fail("the server did not start:\n" + "".join(log))
-    yield found[1]
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """A real `python -m crosschip.serve.api CKPT` process; its /v1 URL."""
+    server = start_server(ckpt)
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,12 @@
 
 The inventory lists each stored tensor's name, dtype and byte size without reading tensor data:
 from the safetensors headers of a real checkpoint, or -- for a directory that holds only
-config.json -- from the model built on the meta device plus convert's plan for the config's
-format (exactly the tensors `crosschip convert` would write: FP8 weights of 1 byte + one fp32
-scale per 128x128 block for every Linear in a decoder layer, bf16 embeddings, norms, lm_head and
-router, as DeepSeek ships them). A 600B-parameter config is sized in well under a second.
+config.json -- from the model's tensor shapes plus convert's plan for the config's format (exactly
+the tensors `crosschip convert` would write: FP8 weights of 1 byte + one fp32 scale per 128x128
+block for every Linear in a decoder layer, bf16 embeddings, norms, lm_head and router, as DeepSeek
+ships them). The shapes come in closed form for Llama, Qwen2 and DeepSeek-V3 configs (checked
+against the meta-device model in tests) and from transformers' model built on the meta device for
+every other model type, so a 600B-parameter config is sized in about a second.
 """
 
 from __future__ import annotations
@@ -141,7 +143,10 @@ def load_inventory(path: Path) -> Inventory:
     root = resolve_checkpoint_dir(path)
     config = _read_config(root)
     desc_path = root / QUANT_DESCRIPTION_NAME
-    description = json.loads(desc_path.read_text(encoding="utf-8")) if desc_path.is_file() else None
+    try:
+        description = json.loads(desc_path.read_text(encoding="utf-8")) if desc_path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CrosschipError(f"{desc_path} cannot be read ({e})", "restore it from the original checkpoint") from e
     fmt, layout = detect_format(config, description)
     read_manifest(root)  # a corrupt crosschip.json is a usage error here too
     return Inventory(root, config, fmt, layout, header_tensors(root), config_only=False)
@@ -180,7 +185,9 @@ def _meta_model(root: Path) -> torch.nn.Module:
     cls = model_class(cfg)
     # The class directly, not from_config: same modules, ~20x faster (no weight-init bookkeeping).
     with torch.device("meta"), no_init_weights():
-        return cls(cfg)
+        model = cls(cfg)
+    model.tie_weights()  # no_init_weights also skips tying; a tied lm_head is not stored
+    return model
 
 
 def meta_shapes(root: Path) -> dict[str, tuple[int, ...]]:

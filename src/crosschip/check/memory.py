@@ -215,9 +215,9 @@ def _memory_fix(inv: Inventory, profile: TargetProfile, plan: MemoryPlan) -> str
         options.append(f"book {plan.min_devices} devices (--devices {plan.min_devices})")
     if plan.max_context > 0:
         options.append(f"serve a shorter context (--context {plan.max_context})")
-    if inv.fmt in ("fp32", "bf16", "fp16") and profile.can_serve("int8-w8a8-dynamic"):
+    if inv.fmt != "int8-w8a8-dynamic" and profile.can_serve("int8-w8a8-dynamic"):
         layout = " --layout ascend" if profile.device_type == "npu" else ""
         src, dst = shlex.quote(str(inv.root)), shlex.quote(f"{inv.root}-int8")
         options.append(f"quantize: `crosschip convert {src} {dst} --target {profile.name} --to int8-w8a8-dynamic"
-                       f"{layout}` (about half the weight memory of bf16; lossy)")
+                       f"{layout}` (1 byte per weight; lossy)")
     return "; or ".join(options) or "use a target with more memory per device"

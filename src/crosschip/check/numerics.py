@@ -159,7 +159,9 @@ def probe_activations(inv: Inventory, profile: TargetProfile) -> CheckResult:
     del model
     over = [p for p in points if p.overflows]
     details: dict[str, Any] = {"calibration": note, "fp16_max": FP16_MAX, "over": [p.name for p in over],
-                               "points": [{"point": p.name, "max_abs": p.max_abs} for p in points]}
+                               # null: Inf/NaN already in fp32 (strict JSON has no Infinity)
+                               "points": [{"point": p.name, "max_abs": p.max_abs if math.isfinite(p.max_abs)
+                                           else None} for p in points]}
     top = max(points, key=lambda p: p.max_abs)
     if over:
         named = ", ".join(f"{p.name} ({p.max_abs:.4g})" for p in over[:_NAMED])
