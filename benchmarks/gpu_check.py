@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from _common import first_documents, log, machine, prepare_corpus, print_json
+from _common import first_documents, log, machine, prepare_corpus, prepare_data, print_json
 from crosschip import devices
 from crosschip.checkpoint import load_model, load_tokenizer_if_present, resolve_checkpoint_dir
 from crosschip.errors import CrosschipError
@@ -316,6 +316,60 @@ def check_verify(ctx: Context) -> CheckResult:
                f"{greedy.get('identical')}/{greedy.get('prompts')}, first failing layer "
                f"{layers.get('first_failing')}")
     return CheckResult(name, PASS if report["verdict"] == "pass" else FAIL, summary, figures)
+
+
+# ---------------------------------------------------------------- probe: the same run recorded on the device and on CPU
+
+PROBE_STEPS = 20
+
+
+@register("probe")
+def check_probe(ctx: Context) -> CheckResult:
+    """Record the same short tiny run with `--probe stats` on the device (bf16) and on the CPU (fp32), compare.
+
+    bf16 rounds every matmul by up to 2^-9, and training amplifies that step by step, so the two runs are
+    expected to leave the tolerance somewhere: that drift is reported (first diverging step and module),
+    not failed. The check FAILs only on a NaN/Inf in either recording (or a non-finite loss): a healthy
+    bf16 device run of this size has none, and when one appears the probe names the module and step.
+    """
+    from crosschip.probe.compare import compare_runs
+    from crosschip.probe.report import write_probe_report
+
+    name = "probe"
+    if "bf16" not in devices.train_precisions(ctx.device):
+        return CheckResult(name, SKIP, f"{ctx.device} has no native bf16")
+    corpus, tok_dir = prepare_data(ctx.workdir, max_bytes=400_000, vocab_size=2048)
+    runs = {}
+    for side, device, precision in (("cpu", "cpu", "fp32"), ("device", str(ctx.device), "bf16")):
+        cfg = TrainConfig(
+            data=corpus, model="tiny", out=ctx.workdir / f"probe-{side}", device=device, precision=precision,
+            steps=PROBE_STEPS, batch_size=8, seq_len=128, warmup_steps=5, tokenizer=tok_dir,
+            eval_every=PROBE_STEPS, eval_batches=2, save_every=PROBE_STEPS, seed=ctx.seed, overwrite=True,
+            cache_dir=ctx.workdir / "cache", probe="stats", probe_modules="*", probe_steps=None,
+        )
+        log(f"probe: training tiny for {PROBE_STEPS} steps in {precision} on {device} with --probe stats ...")
+        result = train(cfg, NullReporter())
+        runs[side] = (cfg.out, result.train_loss)
+    cmp = compare_runs(runs["cpu"][0], runs["device"][0])
+    paths = write_probe_report(cmp, ctx.workdir / "probe-report", overwrite=True)
+    div, doc = cmp.first_divergence, cmp.to_dict()  # to_dict: plain JSON (non-finite floats as strings)
+    figures: dict[str, Any] = {k: doc[k] for k in ("verdict", "aligned_rows", "divergent_rows", "first_divergence")}
+    figures |= {f"{side}_{what}": doc[run][what] for side, run in (("cpu", "run_a"), ("device", "run_b"))
+                for what in ("nonfinite_origin", "overflow_origin", "loss_nonfinite_step")}
+    figures |= {"final_loss_cpu_fp32": runs["cpu"][1], "final_loss_device_bf16": runs["device"][1],
+                "worst": doc["worst"][:3], "report": str(paths["html"])}
+    where = "none" if div is None else (f"step {div.step} {div.module} ({div.kind}) {div.statistic}: rel diff "
+                                       f"{div.rel_diff:.3g} > tol {div.tolerance:.3g}")
+    origin = cmp.run_b.nonfinite_origin
+    summary = (f"{cmp.verdict} over {cmp.aligned_rows} rows ({cmp.divergent_rows} out of tolerance; cross-precision "
+               f"drift is expected and reported, not failed); first divergence: {where}; loss cpu fp32 "
+               f"{runs['cpu'][1]:.4f} vs {ctx.device} bf16 {runs['device'][1]:.4f}; device NaN/Inf origin: "
+               + ("none" if origin is None else f"step {origin.step} {origin.module} ({origin.kind})"))
+    problems = [f"{label} run has NaN/Inf" for label, s in (("CPU fp32", cmp.run_a), ("device bf16", cmp.run_b))
+                if s.nonfinite_origin is not None or s.loss_nonfinite_step is not None]
+    if problems:
+        summary += "; " + "; ".join(problems)
+    return CheckResult(name, FAIL if problems else PASS, summary, figures)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

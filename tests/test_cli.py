@@ -185,3 +185,10 @@ def test_targets_json(cli_runs: dict[str, Any]) -> None:
     one: Run = cli_runs["results"]["targets cpu --json"]
     assert one.returncode == 0, one.stderr
     assert json.loads(one.stdout)["name"] == "cpu"
+
+
+@pytest.mark.parametrize("args", [["convert"], ["probe", "compare"], ["verify", "--ref", "x"], ["train", "--bogus"]])
+def test_usage_errors_are_click_messages_not_tracebacks(args: list[str]) -> None:
+    run = run_cli(args)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and ("Missing" in run.stderr or "No such option" in run.stderr), run.stderr

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from crosschip.cli_common import JsonOpt, err, out, run_app
+from crosschip.cli_common import print_json as _print_json
 from crosschip.errors import CrosschipError
+from crosschip.probe.cli import probe_app
 
 app = typer.Typer(
     name="crosschip",
@@ -21,14 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+app.add_typer(probe_app, name="probe")
 
 
 def _human_bytes(n: int | None) -> str:
@@ -103,6 +97,12 @@ def train(
     shard_size: Annotated[str, typer.Option(help="Max safetensors shard size, e.g. 2GB.")] = "2GB",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    probe: Annotated[str | None, typer.Option(
+        help="Record per-module statistics into RUN/probe: stats, or tensors (stats + full tensors).")] = None,
+    probe_modules: Annotated[str, typer.Option(
+        help="Modules to probe: comma-separated globs over canonical names, e.g. 'model.layers.*.mlp'.")] = "*",
+    probe_steps: Annotated[str | None, typer.Option(
+        help="Steps to probe, e.g. 1-100,200,300- (default: every step).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a model (preset or checkpoint) on any torch device; save hand-off checkpoints."""
@@ -116,6 +116,7 @@ def train(
         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, save_every=save_every,
         log_every=log_every, seed=seed, vocab_size=vocab_size, tokenizer=tokenizer, compile=compile_model,
         threads=threads, shard_size=shard_size, resume=resume, overwrite=overwrite,
+        probe=probe, probe_modules=probe_modules, probe_steps=probe_steps,
     )
     result = run_train(cfg, ConsoleReporter())
     summary = {k: v for k, v in vars(result).items() if k != "history"}
@@ -333,27 +334,7 @@ def demo(
 
 def main() -> None:
     """Entry point: bad input is one line on stderr and a non-zero exit, never a traceback."""
-    try:
-        rc = app(standalone_mode=False)  # returns the code of a typer.Exit
-    except CrosschipError as e:
-        # A Text, not markup: messages quote user paths/values, and '[/x]' or ':smile:' in them must print
-        # verbatim (markup would raise MarkupError). soft_wrap + joined lines: the error stays one line.
-        message = " ".join(str(e).splitlines())
-        err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as e:  # click usage errors: print like click would, exit 2
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
-    sys.exit(rc if isinstance(rc, int) else 0)
+    run_app(app)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,10 @@ class TrainConfig:
     resume: bool = False
     time_budget_s: float | None = None  # stop early (and save) once training has run this long
     cache_dir: Path | None = None  # token shard cache; default <out>/../.crosschip-cache
+    probe: str | None = None  # record per-module statistics: "stats" or "tensors" (crosschip.probe)
+    probe_modules: str = "*"  # comma-separated globs over canonical module names
+    probe_steps: str | None = None  # e.g. "1-100,200,300-"; None = every step
+    stop_at: int | None = None  # stop after this step; the LR schedule still runs to `steps` (replay)
 
     def validate(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every", "keep", "log_every")
@@ -58,6 +62,21 @@ class TrainConfig:
             raise CrosschipError(f"--val-fraction must be in (0, 0.5) (got {self.val_fraction})", "pass e.g. 0.05")
         if self.resume and self.overwrite:
             raise CrosschipError("--resume and --overwrite contradict each other", "pass only one of them")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise CrosschipError(f"stop_at must be in [1, --steps] (got {self.stop_at})", "pass a step of the run")
+        self._validate_probe()
+
+    def _validate_probe(self) -> None:
+        if self.probe is None:
+            if self.probe_modules != "*" or self.probe_steps is not None:
+                raise CrosschipError("--probe-modules and --probe-steps need --probe", "add --probe stats")
+            return
+        from crosschip.probe.record import ProbeConfig
+
+        ProbeConfig(self.probe, self.probe_modules, self.probe_steps)  # raises on bad values
+        if self.compile:
+            raise CrosschipError("--probe cannot be combined with --compile (its hooks would break the graph)",
+                                 "drop --compile while probing")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from crosschip.train.report import Reporter
 from crosschip.train.schedule import lr_at
 from crosschip.train.setup import (
     METRICS_FILE,
+    PROBE_DIR,
     RunInputs,
     check_inputs,
     open_out_dir,
@@ -34,6 +35,9 @@ from crosschip.train.setup import (
     resume_step_of,
 )
 from crosschip.train.state import dist_info, load_train_state, mark_latest, prune, save_train_state, step_dir_name
+
+if TYPE_CHECKING:
+    from crosschip.probe.record import Recorder
 
 
 @dataclass
@@ -82,9 +86,13 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 
 def train_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, loader: PackedBatches,
-    cfg: TrainConfig, device: torch.device, precision: str,
+    cfg: TrainConfig, device: torch.device, precision: str, after_unscale: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) as tensors."""
+    """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) as tensors.
+
+    `after_unscale` (the probe's gradient statistics) sees the true gradients: summed over the
+    micro-batches, unscaled, before clipping and the optimizer step.
+    """
     total = torch.zeros((), device=device)
     for _ in range(cfg.grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
@@ -94,6 +102,8 @@ def train_step(
         total += loss.detach()
     if scaler is not None:
         scaler.unscale_(optimizer)
+    if after_unscale is not None:
+        after_unscale()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
@@ -132,6 +142,10 @@ class Trainer:
         check_inputs(cfg)  # fail on bad data or model before anything is written
         resume_step = resume_step_of(cfg)
         self.inputs: RunInputs = prepare_inputs(cfg, resume_step, reporter.log)
+        if cfg.probe:
+            from crosschip.probe.record import select_modules
+
+            select_modules(self.inputs.model, cfg.probe_modules)  # a glob matching nothing fails before any write
         open_out_dir(cfg, resume_step)
         self.model = self.inputs.model.to(self.device)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
@@ -142,6 +156,7 @@ class Trainer:
         )
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.last_loss, self.last_val = float("nan"), None
+        self.recorder: Recorder | None = None  # exists only inside run(), with --probe
         if resume_step is not None:
             self._restore(resume_step)
 
@@ -155,6 +170,10 @@ class Trainer:
         self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         self.last_loss, self.last_val = state["last_loss"], state["last_val"]
         _truncate_metrics(self.out / METRICS_FILE, step)
+        if (self.out / PROBE_DIR).is_dir():
+            from crosschip.probe.store import truncate
+
+            truncate(self.out, step)  # with or without --probe now: recorded steps after `step` are stale
         self.reporter.log(f"resumed from {self.out / step_dir_name(step)} at step {step}")
 
     def provenance(self) -> dict[str, Any]:
@@ -185,6 +204,8 @@ class Trainer:
             "rng": devices.get_rng_state(self.device),
             "loader": self.loader.state_dict(),
         }
+        if self.recorder is not None:
+            self.recorder.flush()  # before the checkpoint: a resume from it truncates, never misses, rows
         final = self.out / step_dir_name(self.step)
         write_checkpoint(
             final, self.model, self.inputs.tokenizer, self.provenance(), self.cfg.shard_size, overwrite=True,
@@ -221,27 +242,51 @@ class Trainer:
         lr = lr_at(self.step, self.cfg.steps, self.cfg.lr, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        t = time.perf_counter()
+        t, rec = time.perf_counter(), self.recorder
+        if rec is not None:
+            rec.begin_step(self.step + 1)
         loss, grad_norm = train_step(
-            self.step_model, self.optimizer, self.scaler, self.loader, self.cfg, self.device, self.precision
+            self.step_model, self.optimizer, self.scaler, self.loader, self.cfg, self.device, self.precision,
+            rec.record_grads if rec is not None else None,
         )
         self.step += 1
+        if rec is not None:
+            rec.end_step(self.step, loss, grad_norm, lr)
         self.tokens_seen += self.cfg.tokens_per_step * self.world_size
         self.elapsed += time.perf_counter() - t
         return loss, grad_norm, lr
 
+    def _open_recorder(self) -> Recorder | None:
+        """The probe's recorder (--probe, rank 0), opened per run(): hooks added before run() fire before its own."""
+        if not self.cfg.probe or self.rank != 0:
+            return None
+        from crosschip.probe.record import ProbeConfig, Recorder
+
+        probe = ProbeConfig(self.cfg.probe, self.cfg.probe_modules, self.cfg.probe_steps)
+        return Recorder(self.model, probe, self.out, self.device, self.precision, self.scaler)
+
     def run(self) -> TrainResult:
-        """Train to cfg.steps; a signal or the time budget ends the run early, always with a save."""
+        """Train to cfg.steps (or stop_at); a signal or the time budget ends the run early, always with a save."""
+        self.recorder = self._open_recorder()
+        try:
+            return self._run()
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()  # flushes and removes every hook
+                self.recorder = None
+
+    def _run(self) -> TrainResult:
         cfg, history = self.cfg, []
+        last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
         run_t0, tokens0, elapsed0 = time.perf_counter(), self.tokens_seen, self.elapsed
         window = (run_t0, self.tokens_seen)
         stopped_by: str | None = None
-        self.reporter.start(cfg.steps, self.step)
+        self.reporter.start(last, self.step)
         with stop_on_signals() as received:
-            while self.step < cfg.steps and stopped_by is None:
+            while self.step < last and stopped_by is None:
                 loss, grad_norm, lr = self._one_step()
                 out_of_time = self._over_budget(run_t0)
-                final = self.step == cfg.steps or out_of_time or bool(received)
+                final = self.step == last or out_of_time or bool(received)
                 eval_due = final or self.step % cfg.eval_every == 0
                 if eval_due or self.step % cfg.log_every == 0:
                     history.append(self._log_step(loss, grad_norm, lr, window, with_eval=eval_due))

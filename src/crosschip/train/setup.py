@@ -22,6 +22,7 @@ from crosschip.train.config import TrainConfig
 from crosschip.train.state import LATEST_POINTER, complete_steps, step_dir_name
 
 METRICS_FILE = "metrics.jsonl"
+PROBE_DIR = "probe"  # crosschip.probe.store.PROBE_DIR (not imported: it pulls in pyarrow)
 
 
 def default_cache_dir() -> Path:
@@ -74,6 +75,7 @@ def clear_run_dir(out: Path) -> None:
         shutil.rmtree(out / step_dir_name(step))
     for name in (LATEST_POINTER, METRICS_FILE):
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / PROBE_DIR, ignore_errors=True)  # a --probe recording of the old run
 
 
 @dataclass

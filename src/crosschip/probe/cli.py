@@ -1,0 +1,114 @@
+"""`crosschip probe compare|replay`: the probe's command line (mounted under the main CLI as `probe`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.text import Text
+
+from crosschip.cli_common import JsonOpt, err, out, run_app
+from crosschip.probe.compare import DEFAULT_MARGIN  # numpy only: keeps `crosschip --help` fast
+
+probe_app = typer.Typer(
+    name="probe",
+    help="Find where a training run goes wrong: compare probe recordings, replay a step window.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _print_json(obj: Any) -> None:
+    from crosschip.verify.report import jsonable
+
+    sys.stdout.write(json.dumps(jsonable(obj), indent=2) + "\n")
+
+
+@probe_app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="Reference training run directory (with a probe recording).")],
+    run_b: Annotated[Path, typer.Argument(help="Training run to check against the reference.")],
+    noise: Annotated[Path | None, typer.Option(help="The reference setup recorded again (another seed/device): "
+                                                    "its difference from RUN_A sets the tolerance.")] = None,
+    margin: Annotated[float, typer.Option(help="Tolerance = margin x reference noise (or x floor).")] = DEFAULT_MARGIN,
+    report: Annotated[Path | None, typer.Option(help="Write report.json and report.html here.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Align two probe recordings; name the first diverging step and module and the first NaN/Inf origin.
+
+    Exit code 0 when they match, 1 when they diverge, 2 on a usage error."""
+    from crosschip.fsio import check_output_dir
+    from crosschip.probe.compare import compare_runs
+    from crosschip.probe.report import build_probe_report, render_table, write_probe_report
+
+    if report is not None:  # refuse before the work, not after it
+        check_output_dir(report, overwrite)
+    result = compare_runs(run_a, run_b, noise=noise, margin=margin)
+    doc = build_probe_report(result)
+    if report is not None:
+        paths = write_probe_report(doc, report, overwrite=overwrite)
+        if not json_out:
+            err.print(f"report: {paths['html']}", highlight=False)
+    if json_out:
+        _print_json(doc)
+    else:
+        for table in render_table(doc):
+            out.print(table)
+        for note in doc.get("notes") or []:
+            err.print(Text(f"note: {note}", style="dim"))
+        out.print(f"verdict: {doc['verdict'].upper()}", highlight=False)
+    raise typer.Exit(0 if doc["verdict"] == "match" else 1)
+
+
+def _replay_summary(replay_dir: Path) -> dict[str, Any]:
+    """Where the replay put its recording and tensors, and which steps it holds."""
+    from crosschip.probe import store
+
+    manifest = store.read_manifest(replay_dir)
+    stats = store.read_stats(replay_dir)
+    steps = sorted({int(s) for s in stats.column("step").to_pylist()})
+    tensors_dir = replay_dir / "probe" / "tensors"
+    files = sorted(p.name for p in tensors_dir.glob("*.safetensors")) if tensors_dir.is_dir() else []
+    return {"replay_dir": str(replay_dir), "device": manifest.get("device"), "precision": manifest.get("precision"),
+            "mode": manifest.get("mode"), "steps": steps, "tensors_dir": str(tensors_dir), "tensor_files": files}
+
+
+@probe_app.command()
+def replay(
+    run: Annotated[Path, typer.Argument(help="Training run directory with a probe recording and checkpoints.")],
+    step: Annotated[int, typer.Option(help="Replay up to and including this step.")],
+    device: Annotated[str | None, typer.Option(help="cpu, cuda[:N], npu[:N] ... (default: the run's).")] = None,
+    precision: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default: the run's).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Replay directory "
+                                                 "(default RUN/replay-step-S-<device>-<precision>).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing replay directory.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Reload the checkpoint before STEP and replay up to it deterministically, dumping full tensors."""
+    from crosschip.probe.replay import replay as run_replay
+
+    replay_dir = run_replay(run, step, device=device, precision=precision, out=out_dir, overwrite=overwrite)
+    summary = _replay_summary(Path(replay_dir))
+    if json_out:
+        return _print_json(summary)
+    steps = summary["steps"]
+    span = f"{steps[0]}..{steps[-1]}" if steps else "none"
+    err.print(f"replayed steps {span} on {summary['device']} ({summary['precision']})", highlight=False)
+    err.print(f"recording: {summary['replay_dir']}", highlight=False)
+    err.print(f"tensors: {summary['tensors_dir']} ({len(summary['tensor_files'])} files)", highlight=False)
+    err.print(f"compare with: crosschip probe compare {run} {summary['replay_dir']}", highlight=False)
+    return None
+
+
+def main() -> None:
+    """Entry point (`python -m crosschip.probe.cli`, or `crosschip probe`): errors are one line, exit 2."""
+    run_app(probe_app)
+
+
+if __name__ == "__main__":
+    main()
