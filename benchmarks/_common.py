@@ -6,6 +6,8 @@ import datetime as _dt
 import json
 import platform
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 from crosschip import devices
 from crosschip.checkpoint import write_checkpoint
 from crosschip.data import iter_documents, load_tokenizer, stdlib_docstring_corpus, train_tokenizer
+from crosschip.errors import CrosschipError
 from crosschip.models import build_model, count_parameters, get_preset
 
 CORPUS_NAME = "corpus.jsonl"
@@ -82,3 +85,24 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, indent=2, sort_keys=False))
+
+
+def run_benchmark(args: Any, run_all: Callable[[Any, Path], dict[str, Any]],
+                  print_table: Callable[[dict[str, Any]], None]) -> int:
+    """The shared main of the training benchmarks: threads, a kept or temporary workdir, table or --json."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.workdir is not None:
+            summary = run_all(args, args.workdir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="crosschip-bench-") as tmp:
+                summary = run_all(args, Path(tmp))
+    except CrosschipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return CrosschipError.exit_code
+    if args.json:
+        print_json(summary)
+    else:
+        print_table(summary)
+    return 0

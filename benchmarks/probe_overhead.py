@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from _common import log, machine, prepare_data, print_json
+from _common import log, machine, prepare_data, run_benchmark
 from crosschip import devices
-from crosschip.errors import CrosschipError
 from crosschip.models import count_parameters
 from crosschip.probe import store
 from crosschip.train.config import TrainConfig
@@ -124,23 +120,7 @@ def print_table(s: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        if args.workdir is not None:
-            summary = run_all(args, args.workdir)
-        else:
-            with tempfile.TemporaryDirectory(prefix="crosschip-bench-") as tmp:
-                summary = run_all(args, Path(tmp))
-    except CrosschipError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return CrosschipError.exit_code
-    if args.json:
-        print_json(summary)
-    else:
-        print_table(summary)
-    return 0
+    return run_benchmark(parse_args(argv), run_all, print_table)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import copy
 import itertools
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from _common import log, machine, prepare_data, print_json
+from _common import log, machine, prepare_data, run_benchmark
 from crosschip import devices, perf
 from crosschip.data import PackedBatches
-from crosschip.errors import CrosschipError
 from crosschip.models import count_parameters
 from crosschip.train.config import TrainConfig
 from crosschip.train.loop import Trainer
@@ -306,23 +304,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        if args.workdir is not None:
-            summary = run_all(args, args.workdir)
-        else:
-            with tempfile.TemporaryDirectory(prefix="crosschip-bench-") as tmp:
-                summary = run_all(args, Path(tmp))
-    except CrosschipError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return CrosschipError.exit_code
-    if args.json:
-        print_json(summary)
-    else:
-        print_table(summary)
-    return 0
+    return run_benchmark(parse_args(argv), run_all, print_table)
 
 
 if __name__ == "__main__":
