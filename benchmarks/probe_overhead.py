@@ -26,31 +26,23 @@ from crosschip.models import count_parameters
 from crosschip.probe import store
 from crosschip.train.config import TrainConfig
 from crosschip.train.loop import Trainer
-from train_throughput import NEVER, Measurement, StepClock, TrainerRunner
+from train_throughput import (
+    NEVER,
+    Measurement,
+    StepClock,
+    TrainerRunner,
+    parse_training_args,
+    training_parser,
+)
 
 TARGET_RATIO = 1.2  # the bar: probed step time / plain step time
 CORPUS_BYTES = 2_000_000
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small", help="model preset (default: small)")
-    p.add_argument("--steps", type=int, default=16, help="timed optimizer steps per run (default: 16)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per run before timing (default: 2)")
-    p.add_argument("--round-steps", type=int, default=2, help="timed steps per run per round (default: 2)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
+    p = training_parser(__doc__)
     p.add_argument("--precision", default="fp32", help="fp32, bf16, fp16 or auto (default: fp32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, npu, ... (default: cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None, help="keep/reuse corpus, tokenizer and shards here")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    args = p.parse_args(argv)
-    for name in ("steps", "warmup", "round_steps", "batch_size", "seq_len"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args
+    return parse_training_args(p, argv)
 
 
 def build_trainer(args: argparse.Namespace, corpus: Path, tok_dir: Path, workdir: Path, probe: str | None) -> Trainer:

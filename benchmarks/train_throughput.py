@@ -156,8 +156,9 @@ class ReferenceRunner:
         return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def training_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every training benchmark shares (this one and probe_overhead.py)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--preset", default="small", help="model preset (default: small)")
     p.add_argument("--steps", type=int, default=16, help="timed optimizer steps per run (default: 16)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per run before timing (default: 2)")
@@ -168,8 +169,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda, npu, ... (default: cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="keep/reuse corpus, tokenizer and shards here")
-    p.add_argument("--no-fp32", action="store_true", help="skip the crosschip --precision fp32 run")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p
+
+
+def parse_training_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, refusing counts below 1 with argparse's usage error."""
     args = p.parse_args(argv)
     for name in ("steps", "warmup", "round_steps", "batch_size", "seq_len"):
         if getattr(args, name) < 1:
@@ -177,6 +182,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be >= 1")
     return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = training_parser(__doc__)
+    p.add_argument("--no-fp32", action="store_true", help="skip the crosschip --precision fp32 run")
+    return parse_training_args(p, argv)
 
 
 def build_trainer(
