@@ -289,18 +289,18 @@ def check(
     """Preflight: will CKPT and these scripts run on TARGET? PASS/WARN/FAIL per check, with the fix.
 
     Exit code 0 when nothing fails, 1 when a check fails, 2 on a usage error."""
-    from crosschip.check.run import run_check_with_findings
+    from crosschip.check.run import run_check
     from crosschip.fsio import atomic_write_bytes
 
     if csv_path is not None and not script:
         raise CrosschipError("--csv writes the code findings, but no --script was given", "add --script PATH")
-    report, findings = run_check_with_findings(
+    report = run_check(
         ckpt, target, devices=devices, batch=batch, context=context, scripts=script or (), numerics=numerics
     )
     if csv_path is not None:
         from crosschip.check.code import findings_csv
 
-        atomic_write_bytes(csv_path, findings_csv(findings).encode("utf-8"))
+        atomic_write_bytes(csv_path, findings_csv(report.findings).encode("utf-8"))
     if json_out:
         _print_json(report.to_dict())
     else:

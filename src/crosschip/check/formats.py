@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from crosschip.check.run import CheckResult
+from crosschip.convert.layouts import stored_specs
 from crosschip.errors import CrosschipError
 from crosschip.targets import SERVING_FORMATS, TargetProfile
 
@@ -328,30 +329,6 @@ def config_shapes(root: Path, config: dict[str, Any]) -> dict[str, tuple[int, ..
         except _Unsized:
             pass  # an unusual config: let transformers apply its defaults
     return meta_shapes(root)
-
-
-def stored_specs(plan: Any, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[tuple[str, torch.dtype,
-                                                                                                tuple[int, ...]]]:
-    """(name, dtype, shape) of what convert stores for one float source tensor under `plan`.
-
-    Mirrors crosschip.convert.pipeline.output_specs (tests/check/test_check_formats.py compares them) without
-    importing the pipeline, which imports crosschip.checkpoint and with it transformers' modeling code.
-    """
-    from crosschip.convert.layouts import policy
-    from crosschip.convert.quant import FP8_DTYPE, fp8_scale_shape
-
-    names = plan.outputs(name)
-    if name not in plan.quantized:
-        return [(names[0], torch.float32 if policy.keep_fp32(name) else dtype, shape)]
-    rows, cols = shape
-    if plan.fmt == "fp8-block":
-        return [(names[0], FP8_DTYPE, shape), (names[1], torch.float32, fp8_scale_shape(shape))]
-    if plan.fmt == "int8-w8a16":
-        return [(names[0], torch.int32, (rows, math.ceil(cols / 4))), (names[1], dtype, (rows, 1)),
-                (names[2], torch.int64, (2,))]
-    if plan.layout == "ascend":
-        return [(names[0], torch.int8, shape), (names[1], dtype, (rows, 1)), (names[2], dtype, (rows, 1))]
-    return [(names[0], torch.int8, shape), (names[1], torch.float32, (rows, 1))]
 
 
 def config_inventory(root: Path, config: dict[str, Any]) -> Inventory:

@@ -81,6 +81,7 @@ class CheckReport:
     context: int
     checks: list[CheckResult]
     elapsed_s: float = 0.0
+    findings: list[Any] = field(default_factory=list)  # the code scan's raw findings (for --csv); not in to_dict
 
     @property
     def verdict(self) -> str:
@@ -149,23 +150,6 @@ def run_check(
     `numerics` False skips the CPU activation probe and weight audit (they read the weights); the
     overflow-mode warning of a saturating target is reported either way.
     """
-    report, _ = run_check_with_findings(
-        ckpt, target, devices=devices, batch=batch, context=context, scripts=scripts, numerics=numerics
-    )
-    return report
-
-
-def run_check_with_findings(
-    ckpt: Path,
-    target: str,
-    *,
-    devices: int = DEFAULT_DEVICES,
-    batch: int = DEFAULT_BATCH,
-    context: int | None = None,
-    scripts: Sequence[Path] = (),
-    numerics: bool = True,
-) -> tuple[CheckReport, list[Any]]:
-    """`run_check`, plus the raw code findings (for the CLI's --csv)."""
     from crosschip.check import arch, formats, memory
     from crosschip.check import numerics as numerics_check
     from crosschip.targets import load_target
@@ -186,6 +170,6 @@ def run_check_with_findings(
     if scripts:
         rows, findings = check_scripts(scripts)
         checks += rows
-    report = CheckReport(str(ckpt), profile.name, devices, batch, context, checks)
+    report = CheckReport(str(ckpt), profile.name, devices, batch, context, checks, findings=findings)
     report.elapsed_s = time.perf_counter() - started
-    return report, findings
+    return report

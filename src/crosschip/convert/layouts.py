@@ -34,6 +34,7 @@ pipeline can convert shard by shard and a loader can run any format on CPU. Layo
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ from crosschip.convert.quant import (
     cast_fp16,
     fp8_block_dequantize,
     fp8_block_quantize,
+    fp8_scale_shape,
     fp16_range_audit,
     int8_channel_dequantize,
     int8_channel_quantize,
@@ -97,6 +99,27 @@ def resolve_layout(fmt: str, layout: str | None = None) -> str:
             f"format {fmt} has no layout {layout!r}", f"use --layout {' or '.join(supported)} (or omit it)"
         )
     return layout
+
+
+def stored_specs(plan: Plan, name: str, shape: tuple[int, ...],
+                 dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of each tensor convert stores for one floating-point logical tensor.
+
+    Known from the plan alone, before any data is read: the pipeline pre-plans its output shards
+    with it, and `crosschip check` sizes a checkpoint in a format it has not been converted to.
+    """
+    names = plan.outputs(name)
+    if name not in plan.quantized:
+        return [(names[0], torch.float32 if policy.keep_fp32(name) else dtype, shape)]
+    rows, cols = shape
+    if plan.fmt == "fp8-block":
+        return [(names[0], FP8_DTYPE, shape), (names[1], torch.float32, fp8_scale_shape(shape))]
+    if plan.fmt == "int8-w8a16":
+        return [(names[0], torch.int32, (rows, math.ceil(cols / 4))), (names[1], dtype, (rows, 1)),
+                (names[2], torch.int64, (2,))]
+    if plan.layout == "ascend":
+        return [(names[0], torch.int8, shape), (names[1], dtype, (rows, 1)), (names[2], dtype, (rows, 1))]
+    return [(names[0], torch.int8, shape), (names[1], torch.float32, (rows, 1))]
 
 
 def resolve_dtype(fmt: str, dtype: torch.dtype | None = None) -> torch.dtype:

@@ -28,7 +28,6 @@ from crosschip.convert.quant import (
     FP8_DTYPE,
     TensorError,
     check_fp16_audits,
-    fp8_scale_shape,
 )
 from crosschip.convert.stream import (
     OutSpec,
@@ -108,22 +107,9 @@ def open_source(path: Path) -> Source:
 def output_specs(plan: layouts.Plan, name: str, shape: tuple[int, ...], stored: torch.dtype,
                  dtype: torch.dtype) -> list[OutSpec]:
     """Names, dtypes and shapes a logical tensor becomes, known before its data is read."""
-    names = plan.outputs(name)
-    if name not in plan.quantized:
-        if not stored.is_floating_point:
-            return [OutSpec(names[0], stored, shape)]
-        keep = layouts.policy.keep_fp32(name)
-        return [OutSpec(names[0], torch.float32 if keep else dtype, shape)]
-    rows, cols = shape
-    if plan.fmt == "fp8-block":
-        return [OutSpec(names[0], FP8_DTYPE, shape), OutSpec(names[1], torch.float32, fp8_scale_shape(shape))]
-    if plan.fmt == "int8-w8a16":
-        return [OutSpec(names[0], torch.int32, (rows, math.ceil(cols / 4))), OutSpec(names[1], dtype, (rows, 1)),
-                OutSpec(names[2], torch.int64, (2,))]
-    if plan.layout == "ascend":
-        return [OutSpec(names[0], torch.int8, shape), OutSpec(names[1], dtype, (rows, 1)),
-                OutSpec(names[2], dtype, (rows, 1))]
-    return [OutSpec(names[0], torch.int8, shape), OutSpec(names[1], torch.float32, (rows, 1))]
+    if name not in plan.quantized and not stored.is_floating_point:
+        return [OutSpec(plan.outputs(name)[0], stored, shape)]  # ids, masks: copied as stored
+    return [OutSpec(*spec) for spec in layouts.stored_specs(plan, name, shape, dtype)]
 
 
 def _stored_dtype(src: Source, name: str) -> torch.dtype:
