@@ -23,7 +23,7 @@ probe_app = typer.Typer(
 
 
 def _print_json(obj: Any) -> None:
-    from crosschip.verify.report import jsonable
+    from crosschip.htmlreport import jsonable
 
     sys.stdout.write(json.dumps(jsonable(obj), indent=2) + "\n")
 

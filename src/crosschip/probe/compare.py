@@ -117,7 +117,7 @@ class ProbeComparison:
     notes: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        from crosschip.verify.report import jsonable
+        from crosschip.htmlreport import jsonable
 
         return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
 

@@ -23,8 +23,8 @@ from rich.text import Text
 
 from crosschip import __version__
 from crosschip.fsio import atomic_write_bytes, atomic_write_json, check_output_dir
+from crosschip.htmlreport import CSS, Series, esc, fmt, html_table, jsonable, line_chart, num
 from crosschip.probe.compare import ProbeComparison
-from crosschip.verify.report import _CSS, Series, _e, _fmt, _num, _table, jsonable, line_chart
 
 PROBE_REPORT_SCHEMA_VERSION = 1
 _A_COLOR, _B_COLOR = "#1f77b4", "#ff7f0e"
@@ -59,7 +59,7 @@ def _ratio(value: Any) -> float | None:
     """A drift ratio from the JSON form: a number, "inf", or None (not recorded in both runs)."""
     if value == "inf":
         return math.inf
-    return _num(value) if value is not None else None
+    return num(value) if value is not None else None
 
 
 def _mix(c0: tuple[int, int, int], c1: tuple[int, int, int], t: float) -> str:
@@ -118,7 +118,7 @@ def heat_map(drift: Mapping[str, Any], marks: Sequence[tuple[str, str, str]] = (
         y = top + r * _CELL_H
         label = _short(str(name)) + (" (grad)" if kind == "grad" else "")
         parts.append(f'<text x="{_NAME_W - 6}" y="{y + _CELL_H - 3}" text-anchor="end">'
-                     f"<title>{_e(name)} ({_e(kind)})</title>{html.escape(label)}</text>")
+                     f"<title>{esc(name)} ({esc(kind)})</title>{html.escape(label)}</text>")
         for c, value in enumerate(line):
             ratio = _ratio(value)
             if ratio is None:
@@ -126,12 +126,12 @@ def heat_map(drift: Mapping[str, Any], marks: Sequence[tuple[str, str, str]] = (
             x = _NAME_W + c * cw
             stroke = ' stroke="#d62728" stroke-width="2"' if (name, kind, cols[c]) in marked else ""
             parts.append(f'<rect x="{x:.1f}" y="{y}" width="{cw:.1f}" height="{_CELL_H}" fill="{_color(ratio)}"'
-                         f"{stroke}><title>{_e(name)} ({_e(kind)}), step {_e(cols[c])}: {_e(ratio)}</title></rect>")
+                         f"{stroke}><title>{esc(name)} ({esc(kind)}), step {esc(cols[c])}: {esc(ratio)}</title></rect>")
     axis_y = top + _CELL_H * len(rows)
     every = max(1, math.ceil(len(cols) / 12))
     for c in range(0, len(cols), every):
         x = _NAME_W + (c + 0.5) * cw
-        parts.append(f'<text x="{x:.1f}" y="{axis_y + 14}" text-anchor="middle">{_e(cols[c])}</text>')
+        parts.append(f'<text x="{x:.1f}" y="{axis_y + 14}" text-anchor="middle">{esc(cols[c])}</text>')
     parts.append(f'<text x="{_NAME_W + cw * len(cols) / 2:.1f}" y="{axis_y + 30}" text-anchor="middle">step</text>')
     parts.append(_heat_legend(_NAME_W, axis_y + 42))
     parts.append("</svg>")
@@ -167,11 +167,11 @@ def _findings(report: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     div = report.get("first_divergence")
     if isinstance(div, Mapping):
-        detail = (f"{_fmt(div.get('statistic'))}: A {_fmt(div.get('a'))}, B {_fmt(div.get('b'))}, rel diff "
-                  f"{_fmt(div.get('rel_diff'))} > tol {_fmt(div.get('tolerance'))} "
-                  f"({_fmt(div.get('tolerance_source'))})")
-        rows.append(["first divergence", "A vs B", _fmt(div.get("step")), _fmt(div.get("module")),
-                     _fmt(div.get("kind")), detail])
+        detail = (f"{fmt(div.get('statistic'))}: A {fmt(div.get('a'))}, B {fmt(div.get('b'))}, rel diff "
+                  f"{fmt(div.get('rel_diff'))} > tol {fmt(div.get('tolerance'))} "
+                  f"({fmt(div.get('tolerance_source'))})")
+        rows.append(["first divergence", "A vs B", fmt(div.get("step")), fmt(div.get("module")),
+                     fmt(div.get("kind")), detail])
     else:
         rows.append(["first divergence", "A vs B", "-", "-", "-", "none: every aligned row within tolerance"])
     for side in ("a", "b"):
@@ -179,15 +179,15 @@ def _findings(report: Mapping[str, Any]) -> list[list[str]]:
         for key, label in (("nonfinite_origin", "first NaN/Inf origin"), ("overflow_origin", "first overflow")):
             o = run.get(key)
             if isinstance(o, Mapping):
-                detail = (f"nan {_fmt(o.get('nan'))}, inf {_fmt(o.get('inf'))}, over fp16 {_fmt(o.get('over_fp16'))}, "
-                          f"absmax {_fmt(o.get('absmax'))}, input non-finite {_fmt(o.get('in_nonfinite'))}; "
-                          f"{_fmt(o.get('note'))}")
-                rows.append([label, side.upper(), _fmt(o.get("step")), _fmt(o.get("module")), _fmt(o.get("kind")),
+                detail = (f"nan {fmt(o.get('nan'))}, inf {fmt(o.get('inf'))}, over fp16 {fmt(o.get('over_fp16'))}, "
+                          f"absmax {fmt(o.get('absmax'))}, input non-finite {fmt(o.get('in_nonfinite'))}; "
+                          f"{fmt(o.get('note'))}")
+                rows.append([label, side.upper(), fmt(o.get("step")), fmt(o.get("module")), fmt(o.get("kind")),
                              detail])
             else:
                 rows.append([label, side.upper(), "-", "-", "-", "none"])
         if run.get("loss_nonfinite_step") is not None:
-            rows.append(["non-finite loss", side.upper(), _fmt(run.get("loss_nonfinite_step")), "-", "-", ""])
+            rows.append(["non-finite loss", side.upper(), fmt(run.get("loss_nonfinite_step")), "-", "-", ""])
     return rows
 
 
@@ -195,20 +195,20 @@ def _runs_rows(report: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for side in ("a", "b"):
         run = report.get(f"run_{side}") or {}
-        rows.append([_e(side.upper()), _e(run.get("path")), _e(run.get("device")), _e(run.get("precision")),
-                     _e(run.get("mode")), _e(run.get("steps")), _e(run.get("modules")), _e(run.get("rows"))])
+        rows.append([esc(side.upper()), esc(run.get("path")), esc(run.get("device")), esc(run.get("precision")),
+                     esc(run.get("mode")), esc(run.get("steps")), esc(run.get("modules")), esc(run.get("rows"))])
     return rows
 
 
 def _loss_charts(report: Mapping[str, Any]) -> str:
     loss = report.get("loss") or {}
     steps = [str(s) for s in loss.get("steps") or []]
-    names = {side: f"{side.upper()} {_fmt((report.get(f'run_{side}') or {}).get('device'))} "
-                   f"{_fmt((report.get(f'run_{side}') or {}).get('precision'))}" for side in ("a", "b")}
+    names = {side: f"{side.upper()} {fmt((report.get(f'run_{side}') or {}).get('device'))} "
+                   f"{fmt((report.get(f'run_{side}') or {}).get('precision'))}" for side in ("a", "b")}
     charts = []
     for key, title, y_label in (("", "loss", "loss"), ("grad_norm_", "gradient norm", "grad norm")):
-        series = [Series(names["a"], [_num(v) for v in loss.get(f"{key}a") or []], _A_COLOR, markers=False),
-                  Series(names["b"], [_num(v) for v in loss.get(f"{key}b") or []], _B_COLOR, dash=True,
+        series = [Series(names["a"], [num(v) for v in loss.get(f"{key}a") or []], _A_COLOR, markers=False),
+                  Series(names["b"], [num(v) for v in loss.get(f"{key}b") or []], _B_COLOR, dash=True,
                          markers=False)]
         charts.append(line_chart(title, series, x_label="step", y_label=y_label, log_y=False, x_labels=steps))
     return "".join(charts)
@@ -218,37 +218,38 @@ def render_html(report: Mapping[str, Any]) -> str:
     """A self-contained page (inline CSS and SVG, no scripts, no external resources)."""
     verdict = str(report.get("verdict", "diverged"))
     title = f"crosschip probe compare: {verdict.upper()}"
-    only = [[_e(side.upper()), _e(what), _e(", ".join(str(v) for v in items[:50]) + (" ..." * (len(items) > 50)))]
+    only = [[esc(side.upper()), esc(what), esc(", ".join(str(v) for v in items[:50]) + (" ..." * (len(items) > 50)))]
             for side in ("a", "b") for what, items in (report.get(f"only_in_{side}") or {}).items() if items]
-    worst = [[_e(w.get("module")), _e(w.get("kind")), _e(w.get("max_ratio")), _e(w.get("at"))]
+    worst = [[esc(w.get("module")), esc(w.get("kind")), esc(w.get("max_ratio")), esc(w.get("at"))]
              for w in report.get("worst") or []]
     tol = ("tolerance = max(margin &times; noise, margin &times; u &times; &radic;step); "
-           f"margin {_e(report.get('margin'))}, "
-           f"u {_e(report.get('unit_roundoff'))} ({_e(report.get('coarser_precision'))}), noise run "
-           f"{_e(report.get('noise') or 'none')}")
+           f"margin {esc(report.get('margin'))}, "
+           f"u {esc(report.get('unit_roundoff'))} ({esc(report.get('coarser_precision'))}), noise run "
+           f"{esc(report.get('noise') or 'none')}")
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{html.escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{CSS}</style></head><body>",
         f'<h1>crosschip probe compare: <span class="{"pass" if verdict == "match" else "fail"}">'
-        f"{_e(verdict.upper())}</span></h1>",
-        f'<p class="muted">created {_e(report.get("created"))} &middot; crosschip {_e(report.get("crosschip_version"))}'
-        f" &middot; schema {_e(report.get('schema_version'))}</p>",
-        "".join(f"<p>{_e(r)}</p>" for r in report.get("reasons") or []),
-        "<h2>Runs</h2>", _table(["run", "path", "device", "precision", "mode", "steps", "modules", "rows"],
+        f"{esc(verdict.upper())}</span></h1>",
+        f'<p class="muted">created {esc(report.get("created"))} &middot; '
+        f'crosschip {esc(report.get("crosschip_version"))}'
+        f" &middot; schema {esc(report.get('schema_version'))}</p>",
+        "".join(f"<p>{esc(r)}</p>" for r in report.get("reasons") or []),
+        "<h2>Runs</h2>", html_table(["run", "path", "device", "precision", "mode", "steps", "modules", "rows"],
                                 _runs_rows(report)),
-        f"<p>{_e(report.get('aligned_rows'))} rows aligned over {_e(report.get('aligned_steps'))} steps; "
-        f"{_e(report.get('divergent_rows'))} out of tolerance. {tol}</p>",
+        f"<p>{esc(report.get('aligned_rows'))} rows aligned over {esc(report.get('aligned_steps'))} steps; "
+        f"{esc(report.get('divergent_rows'))} out of tolerance. {tol}</p>",
         "<h2>First divergence and NaN/Inf origins</h2>",
-        _table(["finding", "run", "step", "module", "kind", "detail"],
+        html_table(["finding", "run", "step", "module", "kind", "detail"],
                [[html.escape(cell) for cell in row] for row in _findings(report)]),
         "<h2>Loss</h2>", _loss_charts(report),
         "<h2>Drift per module</h2>", heat_map(report.get("drift") or {}, _marks(report)),
     ]
     if worst:
-        parts += ["<h3>Largest drift</h3>", _table(["module", "kind", "max ratio", "at step"], worst)]
+        parts += ["<h3>Largest drift</h3>", html_table(["module", "kind", "max ratio", "at step"], worst)]
     if only:
-        parts += ["<h2>Recorded in one run only</h2>", _table(["run", "what", "items"], only)]
-    parts += [f'<p class="muted">{_e(n)}</p>' for n in report.get("notes") or []]
+        parts += ["<h2>Recorded in one run only</h2>", html_table(["run", "what", "items"], only)]
+    parts += [f'<p class="muted">{esc(n)}</p>' for n in report.get("notes") or []]
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -267,7 +268,7 @@ def render_table(report: Mapping[str, Any]) -> list[Table]:
     if worst:
         table = Table("module", "kind", "max rel diff / tol", "at step", title="largest drift")
         for w in worst[:5]:
-            table.add_row(Text(_fmt(w.get("module"))), Text(_fmt(w.get("kind"))), Text(_fmt(w.get("max_ratio"))),
-                          Text(_fmt(w.get("at"))))
+            table.add_row(Text(fmt(w.get("module"))), Text(fmt(w.get("kind"))), Text(fmt(w.get("max_ratio"))),
+                          Text(fmt(w.get("at"))))
         tables.append(table)
     return tables
