@@ -133,7 +133,7 @@ def _prompt_ids(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[int])
     return ids.to(_model_device(model))
 
 
-def _cache_kwargs(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
+def cache_kwargs(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
     """Name of the forward's cache argument and optional extras, across transformers versions.
 
     transformers 5.24 renamed `past_key_values` to `cache` (the old name warns). `logits_to_keep=1`
@@ -145,7 +145,7 @@ def _cache_kwargs(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
     return name, extras
 
 
-def _new_cache(model: torch.nn.Module) -> object:
+def new_cache(model: torch.nn.Module) -> object:
     from transformers import DynamicCache  # local: keeps `import crosschip.generate` light
 
     try:
@@ -181,8 +181,8 @@ def generate(
     device = ids.device
     generator = _make_generator(device, params.seed)
     stop = _eos_set(eos_token_id)
-    cache_arg, extras = _cache_kwargs(model)
-    cache = _new_cache(model)
+    cache_arg, extras = cache_kwargs(model)
+    cache = new_cache(model)
     was_training = model.training
     model.eval()
     out: list[int] = []

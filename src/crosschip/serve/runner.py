@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from crosschip.devices import synchronize
 from crosschip.errors import CrosschipError
-from crosschip.generate import _cache_kwargs, _new_cache
+from crosschip.generate import cache_kwargs, new_cache
 
 # Architectures whose HF forward is exactly RMSNorm -> RoPE attention (GQA) -> SwiGLU MLP with
 # the same module names as Llama; the structural checks in `fast_path_problem` guard the rest.
@@ -443,7 +443,7 @@ class HFRunner:
         self.num_slots, self.max_context = num_slots, max_context
         self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device
-        self._cache_arg, _ = _cache_kwargs(model)
+        self._cache_arg, _ = cache_kwargs(model)
         self._caches: list[object | None] = [None] * num_slots
         self.kv_bytes_per_token = measure_kv_bytes_per_token(model)
 
@@ -459,7 +459,7 @@ class HFRunner:
             raise CrosschipError(
                 f"prefill of {ids.shape[1]} tokens does not fit max_context {self.max_context}"
             )
-        cache = _new_cache(self.model)
+        cache = new_cache(self.model)
         positions = torch.arange(ids.shape[1], device=self.device)[None]
         logits = self._forward(ids, cache, positions)
         self._caches[slot] = cache
@@ -505,8 +505,8 @@ def _cache_nbytes(cache: object) -> int:
 def measure_kv_bytes_per_token(model: torch.nn.Module, probe_tokens: int = 4) -> int:
     """KV bytes per token position, measured with a short forward (works for MLA's latent cache too)."""
     device = next(model.parameters()).device
-    cache_arg, _ = _cache_kwargs(model)
-    cache = _new_cache(model)
+    cache_arg, _ = cache_kwargs(model)
+    cache = new_cache(model)
     ids = torch.zeros(1, probe_tokens, dtype=torch.long, device=device)
     model(input_ids=ids, use_cache=True, **{cache_arg: cache})
     measured = _cache_nbytes(cache)

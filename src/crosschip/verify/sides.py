@@ -286,10 +286,10 @@ class CheckpointSide:
     @torch.inference_mode()
     def greedy(self, prompt_ids: list[int], max_new_tokens: int, top_n: int) -> GreedyRun:
         """Greedy decoding with a KV cache; stops at EOS (not included), top-N logprobs per step."""
-        from crosschip.generate import _cache_kwargs, _new_cache
+        from crosschip.generate import cache_kwargs, new_cache
 
-        cache_arg, extras = _cache_kwargs(self.model)
-        cache = _new_cache(self.model)
+        cache_arg, extras = cache_kwargs(self.model)
+        cache = new_cache(self.model)
         step = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # [1, T], then [1, 1]
         tokens: list[int] = []
         top: list[dict[int, float]] = []
