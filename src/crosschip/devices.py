@@ -228,6 +228,14 @@ def torch_dtype(precision: str) -> torch.dtype:
         ) from None
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """The precision name (fp32, bf16, fp16) of a torch dtype: the inverse of torch_dtype."""
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise CrosschipError(f"no precision name for {dtype}", fix=f"use one of: {', '.join(PRECISIONS)}")
+
+
 def _cpu_precisions() -> list[str]:
     # fp32 always. bf16 always: torch's CPU autocast runs bf16 on every CPU and bf16 keeps fp32's
     # exponent range, so no loss scaling is needed; it is native (fast) only with avx512_bf16/amx_bf16,

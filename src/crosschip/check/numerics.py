@@ -54,12 +54,12 @@ def serving_dtype(inv: Inventory, profile: TargetProfile) -> str:
     """The float dtype the target computes this checkpoint in: fp16 on fp16-only chips and for fp16
     checkpoints where fp16 runs (vLLM's --dtype auto keeps the checkpoint's dtype), else the target's
     serving float dtype."""
+    from crosschip.devices import precision_name
     from crosschip.verify.emulate import serving_float_dtype
 
     if inv.fmt == "fp16" and profile.supports("fp16"):
         return "fp16"
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    return names[serving_float_dtype(profile.name)]
+    return precision_name(serving_float_dtype(profile.name))
 
 
 # ------------------------------------------------------------------------------------ activation probe

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from crosschip import checkpoint
+from crosschip.devices import precision_name
 from crosschip.errors import CrosschipError
 from crosschip.fsio import atomic_dir
 from crosschip.verify import gates as G
@@ -93,7 +94,7 @@ def _open_sides(opts: VerifyOptions, log: Log) -> tuple[Side, Side, SideSpec, st
         fmt = checkpoint.storage_format(checkpoint.open_checkpoint(tgt_spec.path, verify=False))[0]
         emu = emulation_for(opts.emulate, fmt)
         emulated = emu.profile
-        tgt_spec = SideSpec(tgt_spec.kind, tgt_spec.path, tgt_spec.device, _dtype_name(emu.dtype), None, None)
+        tgt_spec = SideSpec(tgt_spec.kind, tgt_spec.path, tgt_spec.device, precision_name(emu.dtype), None, None)
 
         def apply(model: torch.nn.Module) -> object:
             return apply_emulation(model, emu)
@@ -103,10 +104,6 @@ def _open_sides(opts: VerifyOptions, log: Log) -> tuple[Side, Side, SideSpec, st
     log(f"loading target {opts.target}" + (f" (emulated {emulated})" if emulated else ""))
     target = open_side(tgt_spec, emulate=apply, emulated=emulated)
     return ref, target, tgt_spec, emulated
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def _tokenizer(ref: Side, target: Side) -> Any:
