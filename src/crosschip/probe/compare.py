@@ -190,12 +190,7 @@ def _rel_diff(a: np.ndarray, b: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def _noise_rel(ref: _Run, noise: _Run) -> tuple[dict[tuple[str, str], np.ndarray], list[str]]:
     """(module, kind) -> median over steps of the relative difference ref vs noise, per FLOAT_STATS."""
-    common = [(ia, noise.index[k]) for k, ia in ref.index.items() if k in noise.index]
-    if not common:
-        raise CrosschipError(f"noise run {noise.path} shares no (step, module) rows with {ref.path}",
-                             "record the noise run with the same --probe-modules and --probe-steps")
-    ia = np.array([c[0] for c in common])
-    inn = np.array([c[1] for c in common])
+    ia, inn = _align(ref, noise)
     rel = np.stack([_rel_diff(ref.cols[s][ia], noise.cols[s][inn], _scale(ref, ia, s)) for s in FLOAT_STATS], 1)
     groups: dict[tuple[str, str], list[int]] = {}
     for j, i in enumerate(ia.tolist()):
