@@ -284,6 +284,7 @@ def check(
     script: Annotated[list[Path] | None, typer.Option(help="Script or directory to scan for CUDA-only code.")] = None,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="Write the code findings as CSV here.")] = None,
     numerics: Annotated[bool, typer.Option("--numerics/--no-numerics", help="Probe fp16 ranges on CPU.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --csv file.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Preflight: will CKPT and these scripts run on TARGET? PASS/WARN/FAIL per check, with the fix.
@@ -294,6 +295,8 @@ def check(
 
     if csv_path is not None and not script:
         raise CrosschipError("--csv writes the code findings, but no --script was given", "add --script PATH")
+    if csv_path is not None and csv_path.exists() and not overwrite:
+        raise CrosschipError(f"--csv {csv_path} already exists", "pass --overwrite or choose another path")
     report = run_check(
         ckpt, target, devices=devices, batch=batch, context=context, scripts=script or (), numerics=numerics
     )

@@ -68,6 +68,7 @@ def runs(deepseek_fp8: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     root = tmp_path_factory.mktemp("check-cli")
     (root / "cuda_train.py").write_text(CUDA_SCRIPT, encoding="utf-8")
     (root / "portable.py").write_text(PORTABLE_SCRIPT, encoding="utf-8")
+    (root / "existing.csv").write_text("keep me\n", encoding="utf-8")
     ckpt = str(deepseek_fp8)
     cases = {
         "h100-json": [ckpt, "--target", "nvidia-h100", "--json"],
@@ -76,6 +77,8 @@ def runs(deepseek_fp8: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
         "bad-context": [ckpt, "--target", "nvidia-h100", "--context", "0"],
         "csv-no-script": [ckpt, "--target", "nvidia-h100", "--csv", str(root / "x.csv")],
         "missing-ckpt": [str(root / "nope"), "--target", "nvidia-h100"],
+        "csv-exists": [ckpt, "--target", "nvidia-h100", "--script", str(root / "portable.py"),
+                       "--csv", str(root / "existing.csv")],
         "scripts": [ckpt, "--target", "nvidia-h100", "--script", str(root / "cuda_train.py"),
                     "--script", str(root / "portable.py"), "--csv", str(root / "findings.csv"), "--json"],
         "portable": [ckpt, "--target", "nvidia-h100", "--script", str(root / "portable.py"), "--json"],
@@ -107,7 +110,8 @@ def test_fail_exits_1_with_a_table_naming_the_fix(runs: dict[str, Any], deepseek
 @pytest.mark.parametrize(
     ("name", "expect"),
     [("bad-target", "unknown target 'tpu-v9'"), ("bad-context", "--context must be at least 1"),
-     ("csv-no-script", "no --script was given"), ("missing-ckpt", "does not exist")],
+     ("csv-no-script", "no --script was given"), ("missing-ckpt", "does not exist"),
+     ("csv-exists", "already exists")],
 )
 def test_usage_errors_exit_2_with_one_line(runs: dict[str, Any], name: str, expect: str) -> None:
     run = runs[name]
@@ -135,3 +139,8 @@ def test_a_portable_script_passes(runs: dict[str, Any]) -> None:
     assert run.returncode == 0, run.stderr
     code = [c for c in json.loads(run.stdout)["checks"] if c["check"] == "code"]
     assert [c["status"] for c in code] == ["PASS"]
+
+
+def test_an_existing_csv_is_kept_without_overwrite(runs: dict[str, Any]) -> None:
+    assert runs["csv-exists"].returncode == 2
+    assert (runs["root"] / "existing.csv").read_text(encoding="utf-8") == "keep me\n"
