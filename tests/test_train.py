@@ -19,7 +19,7 @@ from crosschip.data.corpus import stdlib_docstring_corpus
 from crosschip.errors import CrosschipError
 from crosschip.generate import SamplingParams, generate_text
 from crosschip.train.config import TrainConfig
-from crosschip.train.loop import train
+from crosschip.train.loop import _truncate_metrics, train
 from crosschip.train.report import NullReporter
 from crosschip.train.schedule import lr_at
 from crosschip.train.state import complete_steps
@@ -118,7 +118,8 @@ def cli_args(corpus: Path, out: Path) -> list[str]:
 
 def logged_steps(out: Path) -> int:
     path = out / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
+    # only newline-terminated lines: the trainer may be mid-write (or killed mid-write) when we read
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
     return json.loads(lines[-1])["step"] if lines else 0
 
 
@@ -167,6 +168,14 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(corpus: Path, tm
     assert_same_weights(ref / "step-00000150" / "model", out / "step-00000150" / "model")
     open_checkpoint(out / "step-00000150" / "model")  # sha256s verify
     assert not save_in_progress(out), "temp dirs of killed saves were not cleaned up"
+
+
+def test_resume_drops_metrics_after_the_step_and_a_torn_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    path.write_text("\n".join(rows) + "\n" + '{"step": 4, "lo')  # killed in the middle of a write
+    _truncate_metrics(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
 def test_sigterm_saves_then_exits(corpus: Path, tmp_path: Path) -> None:

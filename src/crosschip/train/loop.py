@@ -314,7 +314,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     from crosschip.fsio import atomic_write_bytes
 
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    # A SIGKILL during a write can leave a torn last line (no newline): it is dropped, not parsed.
+    complete = path.read_text().split("\n")[:-1]
+    rows = [line for line in complete if line.strip() and json.loads(line)["step"] <= step]
     atomic_write_bytes(path, ("\n".join(rows) + "\n" if rows else "").encode())
 
 
