@@ -9,9 +9,12 @@ from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedModel, Q
 from crosschip import models
 from crosschip.errors import CrosschipError
 from crosschip.serve.runner import (
+    LAYOUTS,
+    SPLIT_MAX_ROWS,
     DenseRunner,
     HFRunner,
     _onednn_linear,
+    _Proj,
     dense_kv_bytes_per_token,
     fast_path_problem,
     make_runner,
@@ -68,9 +71,11 @@ ONEDNN = pytest.mark.skipif(_onednn_linear() is None, reason="this torch build h
         ("tiny", "nt"),
         ("tiny", "nn"),
         pytest.param("tiny", "dnn", marks=ONEDNN),
+        ("tiny", "split"),
         ("small", "nt"),
         ("small", "nn"),
         pytest.param("small", "dnn", marks=ONEDNN),
+        ("small", "split"),
     ],
 )
 def test_dense_runner_matches_hf_fp32(preset: str, layout: str) -> None:
@@ -176,9 +181,25 @@ def test_kv_accounting() -> None:
         plan_slots(4, 2048, 1000, 2048 * 1000 - 1)
 
 
+@pytest.mark.parametrize("rows", [1, 2, SPLIT_MAX_ROWS, SPLIT_MAX_ROWS + 1, 33])
+def test_split_layout_equals_linear_at_every_batch_size(rows: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(rows, 40, generator=gen)
+    for b in (None, bias):
+        got = _Proj(weight, b, "split")(x)
+        assert got.shape == (rows, 96) and got.is_contiguous()
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), atol=1e-5, rtol=0)
+
+
+def test_split_layout_refuses_rows_that_do_not_split() -> None:
+    with pytest.raises(CrosschipError, match="do not split"):
+        _Proj(torch.randn(7, 8), None, "split")
+
+
 def test_pick_layouts_measures_every_shape() -> None:
     layouts = pick_layouts({(48, 32), (32, 96)}, torch.float32, torch.device("cpu"), probe_bytes=2**16)
     assert set(layouts) == {(48, 32), (32, 96)}
-    assert set(layouts.values()) <= {"nt", "nn", "dnn"}
+    assert set(layouts.values()) <= set(LAYOUTS)
     with pytest.raises(CrosschipError, match="layout"):
         make_runner(preset_model("tiny"), max_batch=1, max_context=32, layout="tn")
