@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
 CHUNK = 8 * 2**20  # large enough for the disk's full speed, small enough to keep two in flight
 _DIRECT = getattr(os, "O_DIRECT", 0)  # 0 where the platform has no O_DIRECT
@@ -53,10 +55,12 @@ class SequentialWriter:
 
     def write(self, data: Any) -> None:
         """Append bytes (anything with the buffer protocol: bytes, a numpy array, a memoryview)."""
-        view = memoryview(data).cast("B")
-        while view:
+        view = data.reshape(-1).view(np.uint8) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        while len(view):
             n = min(len(view), len(self._chunk) - self._fill)
-            self._chunk[self._fill : self._fill + n] = view[:n]
+            # numpy copies without the GIL (an mmap slice assignment holds it), so the converting
+            # thread keeps running Python while this thread fills chunks
+            np.frombuffer(self._chunk, dtype=np.uint8)[self._fill : self._fill + n] = view[:n]
             self._fill += n
             self.size += n
             view = view[n:]
