@@ -33,9 +33,9 @@ from crosschip.convert.stream import (
     OutSpec,
     ShardWriter,
     SourceReader,
+    StreamingReader,
     TensorInfo,
     assign_shards,
-    hash_files,
     scan_file,
 )
 from crosschip.errors import CrosschipError
@@ -269,16 +269,19 @@ def convert(src_path: Path, dst: Path, opts: ConvertOptions, progress: Progress 
     src = open_source(src_path)
     if Path(dst).resolve() == src.root.resolve() or src.root.resolve() in Path(dst).resolve().parents:
         raise CrosschipError("DST must not be SRC or inside it", "choose an output directory outside SRC")
-    reader = SourceReader(src.root, src.infos)
-    plan, specs = plan_conversion(src, opts, reader)
+    planner = SourceReader(src.root, src.infos)
+    try:
+        plan, specs = plan_conversion(src, opts, planner)
+    finally:
+        planner.close()
     shards = assign_shards(specs, opts.shard_bytes)
     names = _shard_names(len(shards))
-    hashes: dict[str, str] = {}
-    hasher = hash_files({f: checkpoint.safe_member(src.root, f, "index") for f in src.files}, hashes)
     with atomic_dir(Path(dst), overwrite=opts.overwrite) as tmp:
         writer = ShardWriter(tmp, shards, names)
+        reader = StreamingReader(src.root, src.infos, src.files)  # reads each shard once, hashing it
         try:
             errors, audits = _convert_tensors(src, plan, opts, reader, writer, progress)
+            hashes = reader.digests()
         except BaseException:
             writer.abort()  # stop the writer thread; the conversion's own error is the one to report
             raise
@@ -287,7 +290,6 @@ def convert(src_path: Path, dst: Path, opts: ConvertOptions, progress: Progress 
         writer.close()
         if not opts.clamp:
             check_fp16_audits(audits)
-        hasher.join()
         _check_source_hashes(src, hashes)
         weight_map = {s.name: names[i] for i, shard in enumerate(shards) for s in shard}
         total = sum(s.nbytes for s in specs)

@@ -8,7 +8,6 @@ holds a few tensors, never a shard, and nothing is copied twice.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import queue
@@ -22,6 +21,8 @@ from typing import Any, BinaryIO
 import torch
 
 from crosschip.checkpoint import safe_member
+from crosschip.convert.source_stream import CHUNK as STREAM_CHUNK
+from crosschip.convert.source_stream import FileStream
 from crosschip.errors import CrosschipError
 from crosschip.seqio import SequentialWriter
 
@@ -136,6 +137,65 @@ class SourceReader:
         for f in self._handles.values():
             f.close()
         self._handles.clear()
+
+
+class StreamingReader(SourceReader):
+    """A SourceReader whose shards are each read once, in file order, by a hashing `FileStream`.
+
+    Reads in file order are served from the stream (row blocks without a copy); any other read
+    falls back to `SourceReader`'s positioned read, so only speed depends on the order.
+    `digests()` gives every shard's sha256 for the conversion record.
+    """
+
+    def __init__(self, root: Path, infos: Mapping[str, TensorInfo], files: Iterable[str]) -> None:
+        super().__init__(root, infos)
+        self._files = list(files)
+        self._streams: dict[str, FileStream] = {}
+        self._current: str | None = None
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self._info(name)
+        # A small tensor may be read ahead of bytes still to come (an FP8 weight's scale): it is served
+        # only if already loaded, so that it never makes the stream drop them.
+        big = info.nbytes >= STREAM_CHUNK
+        if not big and info.file != self._current:
+            return super().get(name)  # a look-up in another shard: never start (or skip) its stream for it
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        got = self._stream(info.file, advance=big).read(info.offset, info.nbytes, memoryview(data.numpy()),
+                                                        recycle=big, copy=True)
+        if got is None:
+            return super().get(name)
+        return data.view(info.dtype).reshape(info.shape)
+
+    def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """As SourceReader.get_rows, but the rows may be a view of the stream, valid until the next read."""
+        info = self._info(name)
+        row_bytes = info.nbytes // max(info.shape[0], 1)
+        nbytes = (stop - start) * row_bytes
+        got = self._stream(info.file).read(info.offset + start * row_bytes, nbytes, memoryview(out.numpy())[:nbytes])
+        if got is None:
+            return super().get_rows(name, start, stop, out)
+        return torch.frombuffer(got, dtype=torch.uint8).view(info.dtype).reshape(stop - start, *info.shape[1:])
+
+    def digests(self) -> dict[str, str]:
+        """sha256 of every shard (reading whatever the conversion did not)."""
+        return {f: self._stream(f, advance=False).digest() for f in self._files}
+
+    def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+        super().close()
+
+    def _stream(self, file: str, advance: bool = True) -> FileStream:
+        """The stream of `file`; `advance`: the conversion has moved on to it (not a look-up)."""
+        if advance and file != self._current:
+            if self._current is not None:
+                self._streams[self._current].finish()  # moving on: its tail is hashed in the background
+            self._current = file
+        if file not in self._streams:
+            self._streams[file] = FileStream(safe_member(self.root, file, "model.safetensors.index.json"))
+        return self._streams[file]
 
 
 def read_tensor(f: BinaryIO, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -293,20 +353,3 @@ class ShardWriter:
             out.abort()
             raise
         self.sha256[name] = out.close()
-
-
-def hash_files(paths: Mapping[str, Path], result: dict[str, str]) -> threading.Thread:
-    """sha256 the given files (name -> path) in a background thread; hashlib releases the GIL."""
-
-    def run() -> None:
-        block = memoryview(bytearray(2**20))
-        for name, path in paths.items():
-            h = hashlib.sha256()
-            with open(path, "rb", buffering=0) as f:
-                while n := f.readinto(block):  # one reused buffer: no fresh pages to fault in per read
-                    h.update(block[:n])
-            result[name] = h.hexdigest()
-
-    thread = threading.Thread(target=run, name="crosschip-hash", daemon=True)
-    thread.start()
-    return thread
