@@ -147,7 +147,7 @@ def one_torch_thread() -> Iterator[None]:
     """Run torch ops on one thread for a while (restoring the count after).
 
     The tile ops take ~0.1 ms each; with 2 intra-op threads each one ends at a barrier that waits
-    for the second thread, which shares the cores with the writer (sha256) and the source hasher,
+    for the second thread, which shares the cores with the writer (sha256) and the source stream,
     so every op can cost a scheduler time slice: on 2 cores a 2.8 GB conversion took 62 s with 2
     threads and 32 s with one. One thread leaves the other core to the I/O threads.
     """

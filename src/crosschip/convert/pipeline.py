@@ -82,6 +82,11 @@ class Source:
         return self.infos[name].shape if name in self.infos else self.infos[stored[0]].shape
 
 
+def _bulk_position(names: list[str], infos: dict[str, TensorInfo]) -> tuple[str, int]:
+    bulk = max(names, key=lambda n: infos[n].nbytes)
+    return infos[bulk].file, infos[bulk].offset
+
+
 def open_source(path: Path) -> Source:
     root = checkpoint.resolve_checkpoint_dir(Path(path))
     try:
@@ -101,6 +106,10 @@ def open_source(path: Path) -> Source:
                              f"{missing[0]}", "re-download the checkpoint")
     order = sorted(infos.values(), key=lambda i: (i.file, i.offset))
     groups = layouts.group_names([i.name for i in order])
+    # Convert in the file order of each group's bulk (its largest tensor), not of its first member:
+    # safetensors puts the small fp32 scales before all the bf16 and fp8 data, so ordering by them
+    # would send the reads of the big tensors back and forth across the shard.
+    groups = dict(sorted(groups.items(), key=lambda item: _bulk_position(item[1], infos)))
     return Source(root, config, fmt, layout, infos, groups, checkpoint.read_manifest(root), files)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import struct
 import threading
@@ -126,12 +127,15 @@ class SourceReader:
 
     def _read(self, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
         try:
-            if info.file not in self._handles:
-                path = safe_member(self.root, info.file, "model.safetensors.index.json")
-                self._handles[info.file] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-            return read_tensor(self._handles[info.file], info, out)
+            return read_tensor(self._handle(info.file), info, out)
         except OSError as e:
             raise CrosschipError(f"cannot read tensor {info.name} from {info.file} ({e})", "re-copy the file") from e
+
+    def _handle(self, file: str) -> BinaryIO:
+        if file not in self._handles:
+            path = safe_member(self.root, file, "model.safetensors.index.json")
+            self._handles[file] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        return self._handles[file]
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -195,7 +199,20 @@ class StreamingReader(SourceReader):
             self._current = file
         if file not in self._streams:
             self._streams[file] = FileStream(safe_member(self.root, file, "model.safetensors.index.json"))
+            self._prefetch_small(file)
         return self._streams[file]
+
+    def _prefetch_small(self, file: str) -> None:
+        """Have the kernel fetch the shard's small tensors now (FP8 scales, norms): they are often read
+        out of file order, through the page cache, which the O_DIRECT stream leaves cold. Without
+        this, each was a random disk read on the converting thread (~0.8 s per 2.8 GB here)."""
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        fd = self._handle(file).fileno()
+        for info in self.infos.values():
+            if info.file == file and 0 < info.nbytes < STREAM_CHUNK:
+                advise(fd, info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def read_tensor(f: BinaryIO, info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
