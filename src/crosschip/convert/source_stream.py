@@ -52,13 +52,17 @@ class FileStream:
         self._ready: collections.deque[Chunk] = collections.deque()
         self._base = 0  # bytes before this offset have left the stream
         self._cond = threading.Condition()
+        self._hashed = 0  # bytes before this offset are hashed: only those chunks may be recycled
         self._drain = False  # the consumer is done: recycle each chunk once hashed
         self._stop = False  # closed: read no further
-        self._done = False
+        self._done = False  # the reader thread has ended
         self._error: BaseException | None = None
         self._hash = hashlib.sha256()
-        self._thread = threading.Thread(target=self._run, name="crosschip-source", daemon=True)
-        self._thread.start()
+        # Two threads, so that the disk reads chunk k+1 while chunk k is hashed.
+        self._threads = [threading.Thread(target=self._run, name="crosschip-source", daemon=True),
+                         threading.Thread(target=self._run_hash, name="crosschip-source-hash", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def read(self, start: int, nbytes: int, into: memoryview, recycle: bool = True,
              copy: bool = False) -> memoryview | None:
@@ -102,17 +106,25 @@ class FileStream:
     def digest(self) -> str:
         """Read and hash whatever is left; the file's sha256 hex digest."""
         self.finish()
-        self._thread.join()
+        self._join()
         if self._error is not None:
             raise self._error
         return self._hash.hexdigest()
 
     def close(self) -> None:
         """Stop the thread without a digest (after an error elsewhere)."""
-        self._stop = True
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         self.finish()
         self._free.put(None)
-        self._thread.join()
+        self._join()
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        while not self._free.empty():  # unused buffers go now; lent ones with their last view
+            self._free.get_nowait()
 
     def _loaded(self, end: int) -> bool:
         return bool(self._ready) and self._ready[-1][0] + self._ready[-1][2] >= end
@@ -138,7 +150,8 @@ class FileStream:
             self._cond.wait()
 
     def _recycle_before(self, pos: int) -> None:
-        """Hand back every chunk that ends at or before `pos`. Call with the lock held."""
+        """Hand back every hashed chunk that ends at or before `pos`. Call with the lock held."""
+        pos = min(pos, self._hashed)
         while self._ready and self._ready[0][0] + self._ready[0][2] <= pos:
             offset, buf, n = self._ready.popleft()
             self._base = offset + n
@@ -153,11 +166,8 @@ class FileStream:
                 if buf is None or self._stop:
                     return
                 n = self._fill(buf, offset)
-                self._hash.update(memoryview(buf)[:n])  # hashlib releases the GIL
                 with self._cond:
                     self._ready.append((offset, buf, n))
-                    if self._drain:
-                        self._recycle_before(offset + n)
                     self._cond.notify_all()
                 offset += n
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
@@ -167,8 +177,27 @@ class FileStream:
             with self._cond:
                 self._done = True
                 self._cond.notify_all()
-            while not self._free.empty():  # unused buffers go now; lent ones with their last view
-                self._free.get_nowait()
+
+    def _run_hash(self) -> None:
+        """Hash the loaded chunks in file order, as the reader thread publishes them."""
+        while self._hashed < self._size:
+            with self._cond:
+                chunk = self._next_to_hash()
+                while chunk is None and not (self._stop or self._error is not None or self._done):
+                    self._cond.wait()
+                    chunk = self._next_to_hash()
+                if chunk is None:
+                    return  # stopped, failed, or the file ended early (the reader reports it)
+            offset, buf, n = chunk
+            self._hash.update(memoryview(buf)[:n])  # hashlib releases the GIL
+            with self._cond:
+                self._hashed = offset + n
+                if self._drain:
+                    self._recycle_before(self._size + 1)
+                self._cond.notify_all()
+
+    def _next_to_hash(self) -> Chunk | None:
+        return next((c for c in self._ready if c[0] == self._hashed), None)
 
     def _fill(self, buf: mmap.mmap, offset: int) -> int:
         """Read buf's worth (less at the end of the file) from `offset`; the bytes read."""
