@@ -61,9 +61,20 @@ def safe_member(root: Path, name: str, what: str) -> Path:
             "the checkpoint is malformed or malicious: re-download it from a trusted source",
         )
     path = (root / pure).resolve()
-    if not path.is_relative_to(root.resolve()):
+    if not path.is_relative_to(containment_root(root)):
         raise CrosschipError(f"{what} names {name!r}, which resolves outside {root}", "re-download the checkpoint")
     return path
+
+
+def containment_root(root: Path) -> Path:
+    """The folder a checkpoint's files may resolve into: the checkpoint itself, or, for a snapshot
+    in the Hugging Face cache (`<cache>/models--org--name/snapshots/<revision>/`, whose files are
+    symlinks to `../../blobs/<hash>`), that model's cache folder, and no further."""
+    resolved = Path(root).resolve()
+    repo = resolved.parent.parent
+    if resolved.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        return repo
+    return resolved
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:

@@ -511,3 +511,38 @@ def test_expand_blocks_reference_matches_the_layout_rule() -> None:
     grid = expand_blocks(scale, (130, 129))
     assert grid.shape == (130, 129)
     assert (grid[127, 127], grid[127, 128], grid[128, 127], grid[129, 128]) == (1.0, 2.0, 3.0, 4.0)
+
+
+def hub_cache_snapshot(src: Path, cache: Path) -> Path:
+    """src laid out as huggingface_hub's cache stores a download: blobs named by sha256, and a
+    snapshot folder of relative symlinks to them (what `snapshot_download` returns without local_dir)."""
+    repo = cache / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for f in sorted(p for p in src.iterdir() if p.is_file() and p.name != checkpoint.MANIFEST_NAME):
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo / "blobs" / digest)
+        (snap / f.name).symlink_to(Path("../../blobs") / digest)
+    return snap
+
+
+def test_a_hub_cache_snapshot_converts_and_loads(llama_src: Path, tmp_path: Path) -> None:
+    snap = hub_cache_snapshot(llama_src, tmp_path / "hub")
+    record = run(snap, tmp_path / "out", "bf16")
+    assert record["from"] == "fp32"
+    assert (tmp_path / "out" / "tokenizer.json").is_file() and not (tmp_path / "out" / "tokenizer.json").is_symlink()
+    torch.testing.assert_close(loader_logits(snap), loader_logits(llama_src), rtol=0, atol=0)
+    torch.testing.assert_close(loader_logits(tmp_path / "out"), loader_logits(llama_src), rtol=0.05, atol=0.05)
+
+
+def test_a_snapshot_link_leaving_the_model_cache_folder_is_refused(llama_src: Path, tmp_path: Path) -> None:
+    snap = hub_cache_snapshot(llama_src, tmp_path / "hub")
+    shard = next(p for p in snap.iterdir() if p.name.endswith(".safetensors"))
+    outside = tmp_path / "hub" / "elsewhere.safetensors"  # in the cache, but not in this model's folder
+    shutil.copyfile(shard, outside)
+    shard.unlink()
+    shard.symlink_to(outside)
+    with pytest.raises(CrosschipError, match="resolves outside"):
+        run(snap, tmp_path / "out", "bf16")
+    assert not (tmp_path / "out").exists()

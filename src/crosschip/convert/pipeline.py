@@ -221,12 +221,16 @@ def _shard_names(count: int) -> list[str]:
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer, generation config, chat template, ... (regular files only; links are skipped)."""
+    """Tokenizer, generation config, chat template, ... (regular files; a link only if it stays inside
+    the checkpoint, or inside its model folder for a Hugging Face cache snapshot)."""
     copied = []
+    allowed = checkpoint.containment_root(src)
     for p in sorted(src.iterdir()):
-        if p.is_symlink() or not p.is_file() or p.name in _REWRITTEN or p.name.endswith(_SKIPPED_SUFFIXES):
+        if not p.is_file() or p.name in _REWRITTEN or p.name.endswith(_SKIPPED_SUFFIXES):
             continue
-        shutil.copyfile(p, dst / p.name)
+        if p.is_symlink() and not p.resolve().is_relative_to(allowed):
+            continue
+        shutil.copyfile(p, dst / p.name)  # a link's content, not the link
         copied.append(p.name)
     return copied
 
