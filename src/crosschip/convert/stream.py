@@ -114,10 +114,13 @@ class SourceReader:
 
     def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows [start, stop) of a tensor, read into `out` (a uint8 buffer at least that large)."""
+        return self._read(self._rows_info(name, start, stop), out)
+
+    def _rows_info(self, name: str, start: int, stop: int) -> TensorInfo:
+        """Rows [start, stop) of a tensor, described as a tensor of their own."""
         info = self._info(name)
         row_bytes = info.nbytes // max(info.shape[0], 1)
-        rows = TensorInfo(name, info.file, info.dtype, (stop - start, *info.shape[1:]), info.offset + start * row_bytes)
-        return self._read(rows, out)
+        return TensorInfo(name, info.file, info.dtype, (stop - start, *info.shape[1:]), info.offset + start * row_bytes)
 
     def _info(self, name: str) -> TensorInfo:
         info = self.infos.get(name)
@@ -173,13 +176,11 @@ class StreamingReader(SourceReader):
 
     def get_rows(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """As SourceReader.get_rows, but the rows may be a view of the stream, valid until the next read."""
-        info = self._info(name)
-        row_bytes = info.nbytes // max(info.shape[0], 1)
-        nbytes = (stop - start) * row_bytes
-        got = self._stream(info.file).read(info.offset + start * row_bytes, nbytes, memoryview(out.numpy())[:nbytes])
+        rows = self._rows_info(name, start, stop)
+        got = self._stream(rows.file).read(rows.offset, rows.nbytes, memoryview(out.numpy())[: rows.nbytes])
         if got is None:
-            return super().get_rows(name, start, stop, out)
-        return torch.frombuffer(got, dtype=torch.uint8).view(info.dtype).reshape(stop - start, *info.shape[1:])
+            return self._read(rows, out)
+        return torch.frombuffer(got, dtype=torch.uint8).view(rows.dtype).reshape(rows.shape)
 
     def digests(self) -> dict[str, str]:
         """sha256 of every shard (reading whatever the conversion did not)."""

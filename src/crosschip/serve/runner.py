@@ -143,13 +143,13 @@ class _Proj:
         self.nn = layout == "nn"
         self.w = weight.t().contiguous() if self.nn else weight.contiguous()  # [in, out] | [out, in]
         self.b = bias
-        self._dnn = _onednn_linear() if layout == "dnn" else None
+        # "split" runs above SPLIT_MAX_ROWS rows on oneDNN where it can (CPU), else on F.linear
+        use_dnn = layout == "dnn" or (layout == "split" and self.w.device.type == "cpu")
+        self._dnn = _onednn_linear() if use_dnn else None
         if layout == "dnn" and self._dnn is None:
             raise CrosschipError("this torch build has no oneDNN linear", "use layout auto, nt, nn or split")
         self._blocks = None
         if layout == "split":
-            # above SPLIT_MAX_ROWS: oneDNN on CPU, F.linear elsewhere (or without oneDNN)
-            self._dnn = _onednn_linear() if self.w.device.type == "cpu" else None
             out_f, in_f = self.w.shape
             parts = _split_parts(out_f)
             if parts < 2:
