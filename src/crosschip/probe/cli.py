@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.text import Text
 
-from crosschip.cli_common import JsonOpt, err, out, run_app
+from crosschip.cli_common import JsonOpt, err, out, print_json, run_app
 from crosschip.probe.compare import DEFAULT_MARGIN  # numpy only: keeps `crosschip --help` fast
 
 probe_app = typer.Typer(
@@ -23,9 +21,9 @@ probe_app = typer.Typer(
 
 
 def _print_json(obj: Any) -> None:
-    from crosschip.htmlreport import jsonable
+    from crosschip.htmlreport import jsonable  # imports torch: only when JSON is asked for
 
-    sys.stdout.write(json.dumps(jsonable(obj), indent=2) + "\n")
+    print_json(jsonable(obj))
 
 
 @probe_app.command()
