@@ -15,26 +15,12 @@ from crosschip.targets import (
     load_target,
     load_target_file,
 )
+from targetkit import PROFILE_TOML
 
 EXPECTED = {"cpu", "nvidia-h100", "nvidia-h200", "nvidia-h20", "ascend-910b", "ascend-910c", "ascend-310p"}
 HOPPER = ("nvidia-h100", "nvidia-h200", "nvidia-h20")
 
-GOOD = """\
-name = "my-chip"
-description = "test chip"
-device_type = "npu"
-memory_per_device_gib = 32
-matmul_dtypes = ["fp16", "int8"]
-training_dtypes = ["fp16"]
-fp8_block_scaling = false
-overflow_mode = "ieee"
-default_serving_format = "fp16"
-serving_stacks = ["vllm-ascend"]
-
-[[sources]]
-title = "a source"
-url = "https://example.org/doc"
-"""
+GOOD = PROFILE_TOML
 
 
 def _write(tmp_path: Path, text: str) -> Path:

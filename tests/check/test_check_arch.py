@@ -10,23 +10,7 @@ import pytest
 from crosschip.check.arch import check_architecture, transformers_causal_lms
 from crosschip.errors import CrosschipError
 from crosschip.targets import ANY_TRANSFORMERS_CAUSAL_LM, list_targets, load_target, load_target_file
-
-PROFILE = """\
-name = "my-chip"
-description = "test chip"
-device_type = "npu"
-memory_per_device_gib = 32
-matmul_dtypes = ["fp16", "int8"]
-training_dtypes = ["fp16"]
-fp8_block_scaling = false
-overflow_mode = "ieee"
-default_serving_format = "fp16"
-serving_stacks = ["vllm-ascend"]
-{extra}
-[[sources]]
-title = "a source"
-url = "https://example.org/doc"
-"""
+from targetkit import write_profile
 
 
 def _config(arch: str | None) -> dict:
@@ -76,8 +60,7 @@ def test_cpu_accepts_what_auto_model_for_causal_lm_maps() -> None:
 
 
 def test_profile_without_a_list_warns(tmp_path: Path) -> None:
-    path = tmp_path / "my-chip.toml"
-    path.write_text(PROFILE.format(extra=""), encoding="utf-8")
+    path = write_profile(tmp_path)
     row = check_architecture(_config("LlamaForCausalLM"), load_target_file(path))
     assert row.status == "WARN" and "lists no serving architectures" in row.reason
 
@@ -96,8 +79,7 @@ def test_profile_without_a_list_warns(tmp_path: Path) -> None:
     ],
 )
 def test_bad_architecture_fields_are_refused_by_name(tmp_path: Path, extra: str, field: str) -> None:
-    path = tmp_path / "my-chip.toml"
-    path.write_text(PROFILE.format(extra=extra), encoding="utf-8")
+    path = write_profile(tmp_path, extra)
     with pytest.raises(CrosschipError, match=field):
         load_target_file(path)
 
@@ -105,8 +87,7 @@ def test_bad_architecture_fields_are_refused_by_name(tmp_path: Path, extra: str,
 def test_a_complete_custom_list_loads(tmp_path: Path) -> None:
     extra = ('serving_architectures = ["LlamaForCausalLM"]\nserving_architectures_unverified = ["Qwen2ForCausalLM"]\n'
              'serving_architectures_source = "https://example.org/models"\nserving_architectures_date = "2026-11-01"\n')
-    path = tmp_path / "my-chip.toml"
-    path.write_text(PROFILE.format(extra=extra), encoding="utf-8")
+    path = write_profile(tmp_path, extra)
     profile = load_target_file(path)
     assert check_architecture(_config("Qwen2ForCausalLM"), profile).status == "WARN"
     assert check_architecture(_config("LlamaForCausalLM"), profile).status == "PASS"
