@@ -127,3 +127,10 @@ def test_streaming_reader_matches_source_reader_in_any_order(tmp_path: Path) -> 
         assert reader.digests() == {"model.safetensors": digest}
         reader.close()
     plain.close()
+
+
+def test_an_unreadable_shard_is_a_one_line_error(tmp_path: Path) -> None:
+    path, _ = make_file(tmp_path, CHUNK)
+    with pytest.raises(CrosschipError, match="cannot open"):
+        FileStream(tmp_path / "missing.bin")
+    assert path.read_bytes()  # the input is untouched

@@ -44,7 +44,10 @@ class FileStream:
 
     def __init__(self, path: Path, chunk: int = CHUNK, depth: int = DEPTH) -> None:
         self.path = Path(path)
-        self._fd = _open_direct(self.path)
+        try:
+            self._fd = _open_direct(self.path)
+        except OSError as e:
+            raise CrosschipError(f"cannot open {self.path} ({e})", "check the file's permissions, or re-copy it") from e
         self._size = os.fstat(self._fd).st_size
         self._free: queue.Queue[mmap.mmap | None] = queue.Queue()
         for _ in range(depth):
@@ -170,6 +173,8 @@ class FileStream:
                     self._ready.append((offset, buf, n))
                     self._cond.notify_all()
                 offset += n
+        except OSError as e:  # a disk or filesystem error: the consumer reports it in one line
+            self._error = CrosschipError(f"cannot read {self.path} ({e})", "check the disk, or re-copy the file")
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self._error = e
         finally:
