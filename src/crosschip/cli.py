@@ -10,18 +10,12 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from crosschip.cli_common import JsonOpt, err, out, run_app
+from crosschip.cli_common import JsonOpt, err, make_app, out, run_app
 from crosschip.cli_common import print_json as _print_json
 from crosschip.errors import CrosschipError
 from crosschip.probe.cli import probe_app
 
-app = typer.Typer(
-    name="crosschip",
-    help="Train where you can, convert for where you must serve, check, verify and serve.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+app = make_app("crosschip", "Train where you can, convert for where you must serve, check, verify and serve.")
 app.add_typer(probe_app, name="probe")
 
 

@@ -18,6 +18,12 @@ err = Console(stderr=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
+def make_app(name: str, help: str) -> typer.Typer:  # noqa: A002 - typer's own parameter name
+    """A Typer app with crosschip's settings: help when bare, no tracebacks, no completion install."""
+    return typer.Typer(name=name, help=help, no_args_is_help=True, pretty_exceptions_enable=False,
+                       add_completion=False)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 

@@ -8,16 +8,10 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from crosschip.cli_common import JsonOpt, err, out, print_json, run_app
+from crosschip.cli_common import JsonOpt, err, make_app, out, print_json, run_app
 from crosschip.probe.compare import DEFAULT_MARGIN  # numpy only: keeps `crosschip --help` fast
 
-probe_app = typer.Typer(
-    name="probe",
-    help="Find where a training run goes wrong: compare probe recordings, replay a step window.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+probe_app = make_app("probe", "Find where a training run goes wrong: compare probe recordings, replay a step window.")
 
 
 def _print_json(obj: Any) -> None:
