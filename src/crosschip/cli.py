@@ -241,6 +241,12 @@ def verify(
     top1_min: Annotated[float | None, typer.Option(help="Gate: top-1 agreement.")] = None,
     ppl_ratio_max: Annotated[float | None, typer.Option(help="Gate: target/ref perplexity.")] = None,
     certify: Annotated[bool, typer.Option("--certify/--no-certify", help="Record the verdict in the target.")] = True,
+    golden: Annotated[bool, typer.Option("--golden/--no-golden",
+                                         help="Gate against REF converted into the target's format.")] = True,
+    served: Annotated[Path | None, typer.Option(help="Checkpoint an endpoint TARGET serves (default: its "
+                                                     "model card's root).")] = None,
+    served_dtype: Annotated[str | None, typer.Option(help="What that endpoint computes in: fp32 bf16 fp16 "
+                                                           "(default: the checkpoint's; fp32 -> bf16).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -253,7 +259,7 @@ def verify(
     opts = VerifyOptions(
         ref=ref, target=target, prompts=prompts, max_new_tokens=max_new_tokens, report_dir=report,
         overwrite=overwrite, emulate=emulate, precision=precision, layers=layers, isolated=isolated,
-        seq_len=seq_len, certify=certify,
+        seq_len=seq_len, certify=certify, golden=golden, served=served, served_dtype=served_dtype,
         gate_overrides={"kl_mean_max": kl_mean_max, "kl_p99_max": kl_p99_max, "top1_min": top1_min,
                         "ppl_ratio_max": ppl_ratio_max},
     )

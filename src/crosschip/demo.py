@@ -251,8 +251,10 @@ def _verify(ctx: DemoContext, name: str, ref: str, target: str, emulate: str | N
     layers = report.get("layers") or {}
     where = f", first failing layer {layers['first_failing']}" if layers.get("first_failing") else ""
     label = f" (emulated {emulate})" if emulate else ""
+    measured = (report.get("noise_floor") or {}).get("gate_basis") == "measured"
+    gates = "gates measured against the golden conversion" if measured else f"{report['precision']} class gates"
     ctx.console.print(
-        f"{name}{label}: {report['verdict'].upper()} ({report['precision']} gates): "
+        f"{name}{label}: {report['verdict'].upper()} ({gates}): "
         f"mean KL {dist.get('kl_mean', float('nan')):.2e} nats, top-1 {dist.get('top1_agreement', float('nan')):.3f}"
         f"{where}\n  -> {report_dir}/report.html",
         highlight=False,

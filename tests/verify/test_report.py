@@ -79,7 +79,7 @@ def test_report_json_round_trips(tmp_path: Path) -> None:
     assert set(paths) == {"json", "html"} and all(p.is_file() for p in paths.values())
     loaded = json.loads(paths["json"].read_text())
     assert loaded == report
-    assert loaded["schema_version"] == REPORT_SCHEMA_VERSION == 1
+    assert loaded["schema_version"] == REPORT_SCHEMA_VERSION == 2
     assert loaded["verdict"] == "fail"  # a layer failed
     assert loaded["ref"]["identity"] == {"path": "/tmp/x", "dtype": "torch.float32", "scale": "inf"}
     assert loaded["unavailable"] == {"isolated": "disabled by --no-isolated",

@@ -209,11 +209,30 @@ def apply_emulation(model: nn.Module, emu: Emulation) -> EmulationHandle:
         handle.clamped_values = _clamp_to_range_(model, emu.dtype)
     model.to(emu.dtype)
     if emu.act_quant is not None:
-        for layer in layers:
-            for module in layer.modules():
-                if isinstance(module, nn.Linear):
-                    handle.handles.append(module.register_forward_pre_hook(_act_quant_pre_hook))
+        handle.handles.extend(_hook_act_quant(layers))
     if emu.saturate:
         for module in _saturation_targets(model, layers):
             handle.handles.append(module.register_forward_hook(_saturate_hook))
     return handle
+
+
+def _hook_act_quant(layers: nn.ModuleList) -> list[RemovableHandle]:
+    return [
+        module.register_forward_pre_hook(_act_quant_pre_hook)
+        for layer in layers
+        for module in layer.modules()
+        if isinstance(module, nn.Linear)
+    ]
+
+
+def format_numerics(model: nn.Module, weight_format: str) -> list[RemovableHandle]:
+    """Hooks that make an in-process model compute what its stored format means on a serving engine.
+
+    int8-w8a8-dynamic: activations are quantized per token to int8 before every decoder Linear (vLLM's
+    CompressedTensorsW8A8Int8 with dynamic input scales, vllm-ascend's W8A8_DYNAMIC), so crosschip's own load
+    of such a checkpoint is comparable with what an engine serves. Other formats need none (their weights
+    are already on the stored grid after dequantization).
+    """
+    if weight_format != "int8-w8a8-dynamic":
+        return []
+    return _hook_act_quant(decoder_layers(model))

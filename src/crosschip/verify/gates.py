@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from crosschip.errors import CrosschipError
 from crosschip.verify.metrics import DistributionMetrics, GreedyMetrics
@@ -94,6 +95,7 @@ class GateResult:
     threshold: float | None
     passed: bool | None
     note: str = ""
+    group: str = "conversion"  # conversion (ref vs target), served, fidelity, tokenization, routing
 
 
 def precision_class(dtype: str | None, fmt: str | None) -> str:
@@ -124,11 +126,87 @@ def _one_class(name: str) -> str:
                          f"pass --precision with one of {', '.join(PRECISION_CLASSES)}")
 
 
+@dataclass(frozen=True)
+class FloorMargins:
+    """How far above the golden's own figures a target may go (see module docstring, 'Measured gates')."""
+
+    kl: float = 4.0  # mean and p99 KL: KL grows as the square of the logit error, so 4x KL is 2x the error
+    top1: float = 2.0  # top-1 disagreements
+    ppl: float = 2.0  # |ln perplexity ratio|
+    route: float = 2.0  # share of tokens re-routed to another expert set, per MoE layer
+
+
+FLOOR_MARGINS = FloorMargins()
+# Thresholds never go below these, by the target's compute class: where the golden equals the reference (a
+# float target stored like the reference) its figures are ~0, and another kernel order must still pass.
+# (mean KL, p99 KL, top-1 disagreement share, |ln ppl ratio|)
+_MIN_THRESHOLDS = {
+    "fp32": (1e-6, 1e-5, 0.002, 1e-4),
+    "fp16": (1e-5, 1e-4, 0.003, 1e-3),
+    "bf16": (1e-4, 1e-3, 0.005, 3e-3),
+}
+_TOP1_SLACK_TOKENS = 3.0  # disagreements allowed beyond the margin: a handful of near-ties on a small sample
+_ROUTE_MIN = 0.01  # re-routed share allowed per MoE layer where the golden re-routes none
+
+
+def measured_gates(floor: DistributionMetrics, compute_class: str, margins: FloorMargins = FLOOR_MARGINS,
+                   what: str = "the golden reference conversion") -> Gates | None:
+    """Gates from a measured floor: each threshold is a margin times the floor's own figure on the same tokens.
+
+    None when the floor itself is not finite (a broken golden must not set the gates).
+    """
+    figures = (floor.kl_mean_ci[1], floor.kl_p99, floor.top1_agreement, floor.ppl_ratio)
+    if not all(math.isfinite(x) for x in figures) or floor.ppl_ratio <= 0 or floor.tokens <= 0:
+        return None
+    kl_min, p99_min, top1_min, lnppl_min = _MIN_THRESHOLDS.get(compute_class, _MIN_THRESHOLDS["bf16"])
+    disagree = margins.top1 * (1.0 - floor.top1_agreement) + max(top1_min, _TOP1_SLACK_TOKENS / floor.tokens)
+    source = (f"measured against {what} on the same tokens: mean and p99 KL {margins.kl}x its own, top-1 "
+              f"disagreements {margins.top1}x its own + {max(top1_min, _TOP1_SLACK_TOKENS / floor.tokens):.2%}, "
+              f"|ln ppl ratio| {margins.ppl}x its own; never below the {compute_class} floors (mean KL {kl_min:g}, "
+              f"p99 {p99_min:g}). Margins calibrated by benchmarks/verify_calibration.py.")
+    return Gates(
+        kl_mean_max=max(margins.kl * floor.kl_mean_ci[1], kl_min),
+        kl_p99_max=max(margins.kl * floor.kl_p99, p99_min),
+        top1_min=max(0.0, 1.0 - disagree),
+        ppl_ratio_max=math.exp(max(margins.ppl * abs(math.log(floor.ppl_ratio)), lnppl_min)),
+        greedy_vllm_close=True,
+        source=source,
+    )
+
+
+def routing_gate(routing: list[dict[str, Any]], margins: FloorMargins = FLOOR_MARGINS) -> GateResult | None:
+    """Per MoE layer, the share of tokens the target sends to another expert set than the reference does, against
+    margin x the golden's share at that layer. A flip is then a metric of its own, localized to its layer: a
+    golden that flips as often says it is rounding at a near-tie, not a broken router. None without MoE layers
+    or a golden."""
+    rows = [r for r in routing if r.get("golden_flipped") is not None]
+    if not rows:
+        return None
+    worst, first_bad = None, None
+    for r in rows:
+        limit = max(margins.route * float(r["golden_flipped"]), _ROUTE_MIN)
+        excess = float(r["flipped"]) - limit
+        if worst is None or excess > worst[0]:
+            worst = (excess, r, limit)
+        if excess > 0 and first_bad is None:
+            first_bad = r
+    assert worst is not None
+    _, row, limit = worst
+    note = f"layer {row['layer']}: {row['flipped']:.2%} of tokens re-routed, golden {row['golden_flipped']:.2%}"
+    if first_bad is not None:
+        note = f"first failing MoE layer {first_bad['layer']}; " + note
+    return GateResult("router_flips", float(row["flipped"]), limit, first_bad is None, note, group="routing")
+
+
 def resolve_gates(cls: str, overrides: dict[str, float | None]) -> Gates:
     """The class's default gates with any non-None overrides (flags) applied field by field."""
     if cls not in DEFAULT_GATES:
         raise CrosschipError(f"unknown precision class {cls!r}", f"use one of {', '.join(PRECISION_CLASSES)}")
-    gates = DEFAULT_GATES[cls]
+    return apply_overrides(DEFAULT_GATES[cls], overrides)
+
+
+def apply_overrides(gates: Gates, overrides: dict[str, float | None]) -> Gates:
+    """`gates` with any non-None overrides (flags) applied field by field."""
     names = {f.name for f in fields(Gates)} - {"source"}
     changes: dict[str, float | bool] = {}
     for key, value in overrides.items():
@@ -154,8 +232,16 @@ def _le(value: float, threshold: float) -> bool:
     return not math.isnan(value) and value <= threshold
 
 
-def evaluate(dist: DistributionMetrics | None, greedy: GreedyMetrics | None, gates: Gates) -> list[GateResult]:
+def evaluate(dist: DistributionMetrics | None, greedy: GreedyMetrics | None, gates: Gates,
+             group: str = "conversion") -> list[GateResult]:
     """Every gate against the measured metrics (NaN never passes)."""
+    out = _evaluate(dist, greedy, gates)
+    for g in out:
+        g.group = group
+    return out
+
+
+def _evaluate(dist: DistributionMetrics | None, greedy: GreedyMetrics | None, gates: Gates) -> list[GateResult]:
     out: list[GateResult] = []
     if dist is None:
         for name in ("kl_mean", "kl_p99", "top1_agreement", "ppl_ratio"):

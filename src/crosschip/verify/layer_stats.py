@@ -35,6 +35,11 @@ UNIT_ROUNDOFF: dict[str, float] = {
 # to ~50 layers; at bf16 the gate is rel_rmse ~0.06-0.09, stricter than msprobe's fixed cos < 0.99
 # (rel_rmse ~0.14) and in the spirit of torch dynamo's m = 3 for fp16/bf16 against fp64.
 DEFAULT_MARGIN = 4.0
+# With a golden (the reference converted by crosschip into the target's format and run with the target's
+# numerics), a point's gate is GOLDEN_MARGIN x the golden's own error there: a correct conversion by another
+# tool rounds differently but to the same grid, so its error sits near the golden's; a planted fault adds its
+# own error on top. Calibrated by benchmarks/verify_calibration.py (table in the README).
+GOLDEN_MARGIN = 2.0
 # Without a measured noise floor, assume fp32 noise of this many unit roundoffs (upper end of the
 # 1.4-9.0 measured above), so an unmeasured gate errs on the side of passing rounding.
 ASSUMED_NOISE_ULPS = 8.0

@@ -49,6 +49,7 @@ from crosschip.verify.emulate import decoder_layers
 from crosschip.verify.layer_stats import (  # noqa: F401 - re-exported: the public layer API
     ASSUMED_NOISE_ULPS,
     DEFAULT_MARGIN,
+    GOLDEN_MARGIN,
     UNIT_ROUNDOFF,
     PointStats,
     StatsAccumulator,
@@ -85,6 +86,9 @@ class LayerResult:
     isolated_rows: int  # total sequences replayed in isolated mode (0 when disabled)
     noise_floor: bool  # whether gates come from a measured fp64 noise floor
     noise_floor_rows: int = 0  # sequences the noise floor was measured on (first batches, ~sample_positions tokens)
+    golden_logits: list[torch.Tensor] | None = None  # the golden reference conversion's logits, when given
+    gate_basis: str = "unit roundoff"  # "golden": gates from the reference conversion's own errors
+    routing: list[dict[str, Any]] = field(default_factory=list)  # per MoE layer: tokens re-routed (own forwards)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +98,8 @@ class LayerResult:
             "isolated_rows": self.isolated_rows,
             "noise_floor": self.noise_floor,
             "noise_floor_rows": self.noise_floor_rows,
+            "gate_basis": self.gate_basis,
+            "routing": self.routing,
         }
 
 
@@ -155,14 +161,39 @@ class _LayerCall:
 
 @dataclass
 class _Batch:
-    """What isolated mode needs from one batch, kept after both forwards have run."""
+    """What isolated mode needs from one batch, kept after every forward has run."""
 
-    ref_calls: list[_LayerCall] = field(default_factory=list)
-    tgt_calls: list[_LayerCall] = field(default_factory=list)
+    calls: dict[str, list[Any]] = field(default_factory=dict)  # "ref" / candidate name -> per-layer _LayerCall
     ref_rows: dict[str, torch.Tensor] = field(default_factory=dict)  # point -> float64 CPU [n, T, D]
     ref_route: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # MoE top-k [n*T, k]
     noise: bool = False  # part of the noise-floor sample
     iso: bool = False  # part of the isolated-mode sample
+
+
+@dataclass
+class _Candidate:
+    """A model compared with the reference (the target, or the golden reference conversion) and its sums."""
+
+    name: str
+    model: nn.Module
+    layers: nn.ModuleList
+    points: list[Point]
+    acc: dict[str, StatsAccumulator] = field(default_factory=dict)
+    iso: dict[str, StatsAccumulator] = field(default_factory=dict)
+    route_acc: dict[int, list[int]] = field(default_factory=dict)  # layer -> [tokens, tokens re-routed]
+    route_iso: dict[int, list[int]] = field(default_factory=dict)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.acc = {p.name: StatsAccumulator() for p in self.points}
+        self.iso = {p.name: StatsAccumulator() for p in self.points}
+
+    def stats(self, point: Point, isolated: bool) -> PointStats:
+        stats = (self.iso if isolated else self.acc)[point.name].stats()
+        counts = (self.route_iso if isolated else self.route_acc).get(point.index)
+        if point.kind == "mlp" and counts and counts[0]:
+            stats.rerouted = counts[1] / counts[0]
+        return stats
 
 
 def _remove(handles: list[RemovableHandle]) -> None:
@@ -240,35 +271,37 @@ def _fp64_twin(layer: nn.Module, device: torch.device) -> nn.Module:
 _DTYPE_UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
+def _check_stack(ref_layers: nn.ModuleList, other: nn.ModuleList, name: str) -> None:
+    if len(ref_layers) != len(other):
+        raise CrosschipError(
+            f"reference has {len(ref_layers)} decoder layers, {name} {len(other)}",
+            "compare two checkpoints of the same architecture",
+        )
+    for layer in (*ref_layers[:1], *other[:1]):
+        if not all(isinstance(getattr(layer, a, None), nn.Module) for a in ("self_attn", "mlp")):
+            raise CrosschipError(
+                f"{type(layer).__name__} has no self_attn and mlp submodules to compare",
+                "use a Hugging Face decoder with Llama-style layers (Llama, DeepseekV3, Qwen, Mistral)",
+            )
+
+
 class _Localizer:
     """Runs the hooked forwards and isolated replays of one localize() call and holds their sums."""
 
-    def __init__(
-        self, ref: nn.Module, tgt: nn.Module, sample_positions: int, isolated: bool, noise_floor: bool
-    ) -> None:
-        self.ref, self.tgt = ref, tgt
-        self.ref_layers, self.tgt_layers = decoder_layers(ref), decoder_layers(tgt)
-        if len(self.ref_layers) != len(self.tgt_layers):
-            raise CrosschipError(
-                f"reference has {len(self.ref_layers)} decoder layers, target {len(self.tgt_layers)}",
-                "compare two checkpoints of the same architecture",
-            )
-        for layer in (*self.ref_layers[:1], *self.tgt_layers[:1]):
-            if not all(isinstance(getattr(layer, a, None), nn.Module) for a in ("self_attn", "mlp")):
-                raise CrosschipError(
-                    f"{type(layer).__name__} has no self_attn and mlp submodules to compare",
-                    "use a Hugging Face decoder with Llama-style layers (Llama, DeepseekV3, Qwen, Mistral)",
-                )
+    def __init__(self, ref: nn.Module, candidates: dict[str, nn.Module], sample_positions: int, isolated: bool,
+                 noise_floor: bool) -> None:
+        self.ref = ref
+        self.ref_layers = decoder_layers(ref)
         self.points = layer_points(len(self.ref_layers))
+        self.cands = []
+        for name, model in candidates.items():
+            layers = decoder_layers(model)
+            _check_stack(self.ref_layers, layers, name)
+            self.cands.append(_Candidate(name, model, layers, self.points))
         self.sample_positions, self.isolated, self.noise_floor = sample_positions, isolated, noise_floor
-        self.acc = {p.name: StatsAccumulator() for p in self.points}
-        self.iso = {p.name: StatsAccumulator() for p in self.points}
         self.noise = {p.name: StatsAccumulator() for p in self.points}
-        self.route_acc: dict[int, list[int]] = {}  # layer -> [tokens, tokens routed to another expert set]
-        self.route_iso: dict[int, list[int]] = {}
         self.batches: list[_Batch] = []
         self.ref_logits: list[torch.Tensor] = []
-        self.tgt_logits: list[torch.Tensor] = []
         self.rows = 0  # rows replayed in isolated mode
         self.noise_rows = 0
         self.noise_tokens = 0
@@ -315,7 +348,7 @@ class _Localizer:
         routers = [(i, _router_of(layers[i])) for i in indices]
         return [router.register_forward_hook(make(i)) for i, router in routers if router is not None]
 
-    # ---- phase 1: one reference and one target forward per batch
+    # ---- phase 1: one reference forward and one forward per candidate, per batch
 
     def run_batch(self, ids: torch.Tensor) -> None:
         batch_size, seq_len = ids.shape
@@ -340,30 +373,41 @@ class _Localizer:
             if keep and idx.shape[0] == batch_size * seq_len:
                 batch.ref_route[i] = (idx[: n * seq_len].clone(), weights[: n * seq_len].clone())
 
-        def compare(point: Point, out: torch.Tensor) -> None:
-            if point.name not in ref_full:
-                raise CrosschipError(f"{point.name} did not run on the reference", "compare one architecture")
-            self.acc[point.name].update(out, ref_full.pop(point.name))
-
-        def compare_route(i: int, output: tuple[Any, ...], pos: tuple[int, int]) -> None:
-            if i in ref_full:
-                _count_reroutes(self.route_acc, i, output[pos[0]], ref_full.pop(i))
-
         every = list(range(len(self.ref_layers)))
-        handles = self._capture_calls(self.ref_layers, batch.ref_calls, batch_size, n, keep)
+        batch.calls["ref"] = []
+        handles = self._capture_calls(self.ref_layers, batch.calls["ref"], batch_size, n, keep)
         handles += self._hook_points(self.ref_layers, self.points, store_ref)
         handles += self._hook_routers(self.ref_layers, every, store_route)
         self.ref_logits.append(self._forward(self.ref, ids, handles))
-        handles = self._capture_calls(self.tgt_layers, batch.tgt_calls, batch_size, n, False)
-        handles += self._hook_points(self.tgt_layers, self.points, compare)
-        handles += self._hook_routers(self.tgt_layers, every, compare_route)
-        self.tgt_logits.append(self._forward(self.tgt, ids, handles))
+        for cand in self.cands:
+            batch.calls[cand.name] = []
+            handles = self._capture_calls(cand.layers, batch.calls[cand.name], batch_size, n, False)
+            handles += self._hook_points(cand.layers, self.points, self._comparer(cand, ref_full))
+            handles += self._hook_routers(cand.layers, every, self._route_comparer(cand, ref_full))
+            cand.logits.append(self._forward(cand.model, ids, handles))
         if keep:
             self.batches.append(batch)
         self.rows += n if batch.iso else 0
         if batch.noise:
             self.noise_rows += n
             self.noise_tokens += n * seq_len
+
+    @staticmethod
+    def _comparer(cand: _Candidate, ref_full: dict[Any, torch.Tensor]) -> Any:
+        def compare(point: Point, out: torch.Tensor) -> None:
+            if point.name not in ref_full:
+                raise CrosschipError(f"{point.name} did not run on the reference", "compare one architecture")
+            cand.acc[point.name].update(out, ref_full[point.name])
+
+        return compare
+
+    @staticmethod
+    def _route_comparer(cand: _Candidate, ref_full: dict[Any, torch.Tensor]) -> Any:
+        def compare(i: int, output: tuple[Any, ...], pos: tuple[int, int]) -> None:
+            if i in ref_full:
+                _count_reroutes(cand.route_acc, i, output[pos[0]], ref_full[i])
+
+        return compare
 
     @staticmethod
     def _forward(model: nn.Module, ids: torch.Tensor, handles: list[RemovableHandle]) -> torch.Tensor:
@@ -373,67 +417,75 @@ class _Localizer:
             _remove(handles)
         return logits.detach().to("cpu", torch.float32)
 
-    # ---- phase 2: per layer, isolated target replays and the fp64 noise floor
+    # ---- phase 2: per layer, isolated replays of every candidate and the fp64 noise floor
 
     def run_replays(self) -> None:
         for i in range(len(self.ref_layers)):
             points = [p for p in self.points if p.index == i]
             if self.isolated:
-                self._replay(i, points, self.tgt_layers, self.iso, self.route_iso, [b for b in self.batches if b.iso])
+                for cand in self.cands:
+                    self._replay_candidate(i, points, cand, [b for b in self.batches if b.iso])
             if self.noise_floor:
                 twin = nn.ModuleList([_fp64_twin(self.ref_layers[i], _device_of(self.ref))])
-                local = [Point(p.name, p.kind, 0, p.attr) for p in points]
-                self._replay(0, local, twin, self.noise, None, [b for b in self.batches if b.noise], i)
+                self._replay_noise(i, points, twin, [b for b in self.batches if b.noise])
                 del twin
             for batch in self.batches:  # layer i is done: free its stored inputs and outputs
-                batch.ref_calls[i] = None
+                for calls in batch.calls.values():
+                    calls[i] = None
                 batch.ref_route.pop(i, None)
                 for p in points:
                     batch.ref_rows.pop(p.name, None)
 
-    def _replay(
-        self,
-        i: int,
-        points: list[Point],
-        layers: nn.ModuleList,
-        sums: dict[str, StatsAccumulator],
-        reroutes: dict[int, list[int]] | None,
-        batches: list[_Batch],
-        ref_index: int | None = None,
-    ) -> None:
-        """Call layers[i] on the reference's input to layer ref_index (default i) and compare its points.
+    def _replay_candidate(self, i: int, points: list[Point], cand: _Candidate, batches: list[_Batch]) -> None:
+        """Candidate layer i on the reference's input (with its own kwargs: rotary tables, mask in its dtype)."""
 
-        The isolated target (reroutes given) is compared to the reference: t = target, r = reference.
-        The fp64 twin (reroutes None) measures the noise floor: t = fp32 reference, r = fp64 golden, with
-        the reference's kwargs in fp64. Both follow the reference's MoE routing, so a near-tie expert
-        choice flipped by rounding (counted in `reroutes`) does not masquerade as the layer's own error.
+        def call_of(batch: _Batch) -> tuple[_LayerCall, torch.dtype]:
+            call = batch.calls[cand.name][i]
+            return call, call.dtype
+
+        def update(point: Point, out: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+            cand.iso[point.name].update(out, rows[point.name])
+
+        self._replay(i, points, cand.layers, i, batches, call_of, update, cand.route_iso)
+
+    def _replay_noise(self, i: int, points: list[Point], twin: nn.ModuleList, batches: list[_Batch]) -> None:
+        """The fp64 twin of reference layer i on the same input: t = fp32 reference, r = fp64 golden."""
+        device = _device_of(twin)
+
+        def call_of(batch: _Batch) -> tuple[_LayerCall, torch.dtype]:
+            ref_call = batch.calls["ref"][i]
+            kwargs = _cast_floats(ref_call.kwargs, device, torch.float64)
+            return _LayerCall(None, ref_call.positional, kwargs, torch.float64), torch.float64
+
+        def update(point: Point, out: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+            self.noise[point.name].update(rows[point.name], out)
+
+        local = [Point(p.name, p.kind, 0, p.attr) for p in points]
+        self._replay(i, local, twin, 0, batches, call_of, update, None)
+
+    def _replay(self, i: int, points: list[Point], layers: nn.ModuleList, k: int, batches: list[_Batch],
+                call_of: Any, update: Any, reroutes: dict[int, list[int]] | None) -> None:
+        """Call layers[k] on the reference's input to decoder layer i, batch by batch, and compare its points.
+
+        Every replay follows the reference's MoE routing, so a near-tie expert choice flipped by rounding
+        (counted in `reroutes`) does not masquerade as the layer's own error.
         """
-        j = i if ref_index is None else ref_index
-        layer, device = layers[i], _device_of(layers[i])
+        layer, device = layers[k], _device_of(layers[k])
         for batch in batches:
-            ref_call = batch.ref_calls[j]
-            if reroutes is not None:
-                # The target's own kwargs (rotary tables, mask in its dtype) with the reference's hidden states.
-                call, dtype = batch.tgt_calls[j], batch.tgt_calls[j].dtype
-            else:
-                call = _LayerCall(None, ref_call.positional, _cast_floats(ref_call.kwargs, device, torch.float64),
-                                  torch.float64)
-                dtype = torch.float64
+            ref_call = batch.calls["ref"][i]
+            call, dtype = call_of(batch)
 
             def compare(point: Point, out: torch.Tensor, rows: dict[str, torch.Tensor] = batch.ref_rows) -> None:
-                if reroutes is None:
-                    sums[point.name].update(rows[point.name], out)
-                else:
-                    sums[point.name].update(out, rows[point.name])
+                update(point, out, rows)
 
-            def force(k: int, output: tuple[Any, ...], pos: tuple[int, int], route: Any = batch.ref_route) -> Any:
-                if j not in route or route[j][0].shape != output[pos[0]].shape:
+            def force(_k: int, output: tuple[Any, ...], pos: tuple[int, int], route: Any = batch.ref_route) -> Any:
+                if i not in route or route[i][0].shape != output[pos[0]].shape:
                     return None
                 if reroutes is not None:
-                    _count_reroutes(reroutes, j, output[pos[0]], route[j][0])
-                return _force_routing(output, pos, *route[j])
+                    _count_reroutes(reroutes, i, output[pos[0]], route[i][0])
+                return _force_routing(output, pos, *route[i])
 
-            handles = self._hook_points(layers, points, compare) + self._hook_routers(layers, [i], force)
+            handles = self._hook_points(layers, points, compare) + self._hook_routers(layers, [k], force)
             try:
                 _call_layer(layer, call, ref_call.hidden.to(device, dtype))
             finally:
@@ -441,38 +493,62 @@ class _Localizer:
 
     # ---- verdicts
 
-    def result(self, margin: float, tgt_precision: str) -> LayerResult:
+    def result(self, margin: float, tgt_precision: str, compute_precision: str | None,
+               golden_margin: float) -> LayerResult:
         u_ref = _DTYPE_UNIT.get(next(self.ref.parameters()).dtype, UNIT_ROUNDOFF["fp32"])
+        target = self.cands[0]
+        golden = self.cands[1] if len(self.cands) > 1 else None
         rows, first, first_acc = [], None, None
         for p in self.points:
-            acc = self._stats(self.acc, self.route_acc, p)
-            iso = self._stats(self.iso, self.route_iso, p) if self.isolated else None
+            acc = target.stats(p, isolated=False)
+            iso = target.stats(p, isolated=True) if self.isolated else None
             noise = self.noise[p.name].stats().rel_rmse if self.noise_floor else None
             if noise is not None and not math.isfinite(noise):
                 noise = None  # a broken fp64 replay must not open the gate
-            gate = gate_for(noise, tgt_precision, margin, ref_unit=u_ref)
+            row: dict[str, Any] = {"name": p.name, "kind": p.kind, "index": p.index, "accumulated": acc.to_dict(),
+                                   "isolated": None if iso is None else iso.to_dict(), "noise_floor": noise}
+            if golden is None:
+                gate = gate_acc = gate_for(noise, tgt_precision, margin, ref_unit=u_ref)
+            else:
+                g_acc = golden.stats(p, isolated=False)
+                g_iso = golden.stats(p, isolated=True) if self.isolated else None
+                fp_gate = gate_for(noise, compute_precision or tgt_precision, margin, ref_unit=u_ref)
+                gate = golden_gate(g_iso if g_iso is not None else g_acc, fp_gate, golden_margin)
+                gate_acc = golden_gate(g_acc, fp_gate, golden_margin)
+                row["golden"] = {"accumulated": g_acc.to_dict(), "isolated": None if g_iso is None else g_iso.to_dict()}
             own = iso if iso is not None else acc
             passed = not own.rel_rmse > gate
             if not passed and first is None:
                 first = p.name
-            if acc.rel_rmse > gate and first_acc is None:
+            if acc.rel_rmse > gate_acc and first_acc is None:
                 first_acc = p.name
-            rows.append({
-                "name": p.name, "kind": p.kind, "index": p.index,
-                "accumulated": acc.to_dict(), "isolated": None if iso is None else iso.to_dict(),
-                "noise_floor": noise, "gate": gate, "passed": passed,
-            })
+            rows.append({**row, "gate": gate, "gate_accumulated": gate_acc, "passed": passed})
         return LayerResult(
-            rows, first, first_acc, self.ref_logits, self.tgt_logits, self.rows, self.noise_floor, self.noise_rows
+            rows, first, first_acc, self.ref_logits, target.logits, self.rows, self.noise_floor, self.noise_rows,
+            golden_logits=golden.logits if golden is not None else None,
+            gate_basis="golden" if golden is not None else "unit roundoff",
+            routing=self._routing_summary(),
         )
 
-    @staticmethod
-    def _stats(sums: dict[str, StatsAccumulator], reroutes: dict[int, list[int]], point: Point) -> PointStats:
-        stats = sums[point.name].stats()
-        counts = reroutes.get(point.index)
-        if point.kind == "mlp" and counts and counts[0]:
-            stats.rerouted = counts[1] / counts[0]
-        return stats
+    def _routing_summary(self) -> list[dict[str, Any]]:
+        """Per MoE layer, the share of tokens whose expert set differs from the reference's (own forwards)."""
+        out = []
+        target = self.cands[0]
+        for i, (tokens, flipped) in sorted(target.route_acc.items()):
+            row: dict[str, Any] = {"layer": i, "tokens": tokens, "flipped": flipped / tokens if tokens else 0.0}
+            for cand in self.cands[1:]:
+                g = cand.route_acc.get(i)
+                row[f"{cand.name}_flipped"] = g[1] / g[0] if g and g[0] else None
+            out.append(row)
+        return out
+
+
+def golden_gate(golden: PointStats, fp_gate: float, golden_margin: float) -> float:
+    """A point's gate with a golden conversion: golden_margin x the golden's own error at that point, never
+    below the floating-point gate of the target's compute dtype. A non-finite golden error (the reference
+    conversion itself overflowed) falls back to the floating-point gate."""
+    err = golden.rel_rmse
+    return max(golden_margin * err, fp_gate) if math.isfinite(err) else fp_gate
 
 
 def localize(
@@ -480,21 +556,29 @@ def localize(
     tgt_model: nn.Module,
     batches: list[torch.Tensor],
     *,
+    golden: nn.Module | None = None,
     isolated: bool = True,
     noise_floor: bool = True,
     sample_positions: int = 128,
     margin: float = DEFAULT_MARGIN,
+    golden_margin: float = GOLDEN_MARGIN,
     tgt_precision: str = "bf16",
+    compute_precision: str | None = None,
 ) -> LayerResult:
     """Compare every decoder layer's attention, MLP and output between two in-process models.
 
-    batches: int64 input_ids [B, T], fed to both sides (moved to each model's device). Each model
+    batches: int64 input_ids [B, T], fed to every model (moved to each model's device). Each model
     runs one hooked forward per batch (their logits are returned, float32 CPU [B, T, V]); isolated
     mode and the noise floor replay each layer on the first ceil(sample_positions / T) rows (at
     least 1): whole sequences, because attention needs the full prefix. tgt_precision names the
-    target's numerics ("fp32", "bf16", "fp16", "int8", "fp8") and sets its gates.
+    target's numerics class ("fp32", "bf16", "fp16", "int8", "fp8") and sets its gates when there is no
+    golden. golden: the reference converted into the target's format and run with the target's numerics;
+    then each point's gate is golden_margin x the golden's own error there, and never below the
+    floating-point gate of compute_precision (the target's compute dtype class).
     """
     unit_roundoff(tgt_precision)  # validate before any forward pass
+    if compute_precision is not None:
+        unit_roundoff(compute_precision)
     if not batches:
         raise CrosschipError("no input batches to localize on", "pass at least one [B, T] batch of token ids")
     for ids in batches:
@@ -502,20 +586,23 @@ def localize(
             raise CrosschipError(
                 f"input batch has shape {tuple(ids.shape)} and dtype {ids.dtype}", "pass int64 input_ids [B, T]"
             )
-    if sample_positions < 1 or margin <= 0:
+    if sample_positions < 1 or margin <= 0 or golden_margin <= 0:
         raise CrosschipError(
-            f"sample_positions={sample_positions}, margin={margin}", "use sample_positions >= 1 and margin > 0"
+            f"sample_positions={sample_positions}, margin={margin}, golden_margin={golden_margin}",
+            "use sample_positions >= 1 and margins > 0",
         )
-    run = _Localizer(ref_model, tgt_model, sample_positions, isolated, noise_floor)
-    modes = (ref_model.training, tgt_model.training)
+    candidates = {"target": tgt_model} | ({"golden": golden} if golden is not None else {})
+    run = _Localizer(ref_model, candidates, sample_positions, isolated, noise_floor)
+    models = [ref_model, *candidates.values()]
+    modes = [m.training for m in models]
     try:
         with torch.inference_mode():
-            ref_model.eval()
-            tgt_model.eval()
+            for m in models:
+                m.eval()
             for ids in batches:
                 run.run_batch(ids)
             run.run_replays()
     finally:
-        ref_model.train(modes[0])
-        tgt_model.train(modes[1])
-    return run.result(margin, tgt_precision)
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+    return run.result(margin, tgt_precision, compute_precision, golden_margin)

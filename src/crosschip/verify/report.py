@@ -1,12 +1,16 @@
 """The verify report: a versioned JSON document, a self-contained HTML page with inline SVG plots, and
 the terminal tables.
 
-report.json schema (REPORT_SCHEMA_VERSION = 1): schema_version, crosschip_version, created (UTC ISO),
+report.json schema (REPORT_SCHEMA_VERSION = 2): schema_version, crosschip_version, created (UTC ISO),
 verdict ("pass" | "fail"), precision (gate class), emulated (target profile or null), ref / target
-(SideInfo), prompts {count, sha256, source, ...}, distribution (DistributionMetrics.to_dict() or null),
-unavailable {metric: why}, greedy (GreedyMetrics.to_dict() or null), layers (layers.LayerResult.to_dict()
-or null), gates [GateResult], gate_source (where the thresholds come from). Non-finite floats are written
-as the strings "inf", "-inf", "nan" (strict JSON has no such numbers).
+(SideInfo), prompts {count, sha256, source, ...}, distribution (ref vs target, DistributionMetrics.to_dict()
+or null), unavailable {metric: why}, greedy (GreedyMetrics.to_dict() or null), layers
+(layers.LayerResult.to_dict() or null), gates [GateResult with its group], gate_source (where the thresholds
+come from), and since version 2: two_sided, noise_floor {golden, floor, floor_what, gate_basis, ...},
+served {path, source, identity} (endpoints), conversion and fidelity (endpoints serving a known checkpoint:
+{distribution, greedy, floor, floor_what, gate_basis, gate_source}), tokenization, routing [per MoE layer],
+certified. Non-finite floats are written as the strings "inf", "-inf", "nan" (strict JSON has no such
+numbers).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from crosschip.verify.gates import DEFAULT_GATES, GateResult, Gates
 from crosschip.verify.metrics import DistributionMetrics, GreedyMetrics
 from crosschip.verify.types import SideInfo
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 _COLORS = {"accumulated": "#1f77b4", "isolated": "#ff7f0e", "gate": "#d62728", "noise floor": "#7f7f7f"}
 
 
@@ -145,6 +149,32 @@ def _distribution_html(dist: Mapping[str, Any] | None) -> str:
     return table + kl_histogram(dist.get("kl_values") or []) + pos_chart
 
 
+def _floors_html(report: Mapping[str, Any]) -> str:
+    """The golden, the served checkpoint, fidelity, tokenization and routing, as key figures."""
+    rows = []
+    floor = report.get("noise_floor") or {}
+    golden = floor.get("golden") or {}
+    rows.append(["gate basis", esc(floor.get("gate_basis")), esc(floor.get("floor_what") or golden.get("error"))])
+    figures = floor.get("floor") or {}
+    rows.append(["golden vs ref", esc({k: figures.get(k) for k in ("kl_mean", "kl_p99", "top1_agreement")}),
+                 esc(golden.get("spec"))])
+    served = report.get("served") or {}
+    if served:
+        rows.append(["served checkpoint", esc(served.get("path")), esc(served.get("source"))])
+    fidelity = report.get("fidelity") or {}
+    if fidelity:
+        dist, fl = fidelity.get("distribution") or {}, fidelity.get("floor") or {}
+        rows.append(["fidelity (endpoint vs own load)", esc({k: dist.get(k) for k in ("kl_method", "kl_mean")}),
+                     esc(f"floor {fl.get('kl_mean')}: {fidelity.get('floor_what')}")])
+    tok = report.get("tokenization") or {}
+    if tok:
+        rows.append(["tokenization", _result_cell(tok.get("passed")), esc(f"{tok.get('method')}: {tok.get('reason')}")])
+    for r in report.get("routing") or []:
+        rows.append([f"routing, layer {esc(r.get('layer'))}", esc(r.get("flipped")),
+                     esc(f"golden {r.get('golden_flipped')} of {r.get('tokens')} tokens re-routed")])
+    return html_table(["check", "value", "detail"], rows)
+
+
 def _greedy_html(greedy: Mapping[str, Any] | None) -> str:
     if not greedy:
         return '<p class="empty">not measured</p>'
@@ -190,8 +220,8 @@ def render_html(report: Mapping[str, Any]) -> str:
     if emulated:
         banner = (f'<div class="emulated">EMULATED ({esc(emulated)}): the target ran on this machine under the '
                   "profile's numerics, not on the chip itself.</div>")
-    gate_rows = [[esc(g.get("name")), esc(g.get("value")), esc(g.get("threshold")), _result_cell(g.get("passed")),
-                  esc(g.get("note"))] for g in report.get("gates") or []]
+    gate_rows = [[esc(g.get("group")), esc(g.get("name")), esc(g.get("value")), esc(g.get("threshold")),
+                  _result_cell(g.get("passed")), esc(g.get("note"))] for g in report.get("gates") or []]
     prompts = report.get("prompts") or {}
     unavailable = report.get("unavailable") or {}
     parts = [
@@ -204,8 +234,9 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"{esc(report.get('schema_version'))}</p>",
         "<h2>Sides</h2>", _sides_html(report),
         "<h2>Prompts</h2>", html_table(["field", "value"], [[esc(k), esc(v)] for k, v in prompts.items()]),
-        "<h2>Gates</h2>", html_table(["gate", "value", "threshold", "result", "note"], gate_rows),
+        "<h2>Gates</h2>", html_table(["group", "gate", "value", "threshold", "result", "note"], gate_rows),
         f'<p class="muted">{esc(report.get("gate_source"))}</p>',
+        "<h2>Noise floor and two-sided checks</h2>", _floors_html(report),
     ]
     if unavailable:
         rows = [[esc(k), esc(v)] for k, v in unavailable.items()]
@@ -228,11 +259,13 @@ def _result_text(passed: Any) -> Text:
 def render_table(report: Mapping[str, Any]) -> list[Table]:
     """Terminal tables: gates, headline metrics and (when run) the per-layer points."""
     emulated = report.get("emulated")
-    title = f"verify ({report.get('precision')} gates)" + (f" - EMULATED ({emulated})" if emulated else "")
-    gates = Table("gate", "value", "threshold", "result", "note", title=Text(title))
+    basis = (report.get("noise_floor") or {}).get("gate_basis")
+    how = "measured against the golden" if basis == "measured" else f"{report.get('precision')} class constants"
+    title = f"verify (gates {how})" + (f" - EMULATED ({emulated})" if emulated else "")
+    gates = Table("group", "gate", "value", "threshold", "result", "note", title=Text(title))
     for g in report.get("gates") or []:
-        gates.add_row(Text(fmt(g.get("name"))), Text(fmt(g.get("value"))), Text(fmt(g.get("threshold"))),
-                      _result_text(g.get("passed")), Text(fmt(g.get("note"))))
+        gates.add_row(Text(fmt(g.get("group"))), Text(fmt(g.get("name"))), Text(fmt(g.get("value"))),
+                      Text(fmt(g.get("threshold"))), _result_text(g.get("passed")), Text(fmt(g.get("note"))))
     tables = [gates]
     metrics = Table("metric", "value", title="metrics")
     for k in _DIST_KEYS:

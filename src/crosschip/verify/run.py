@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,32 @@ from crosschip import checkpoint
 from crosschip.devices import precision_name
 from crosschip.errors import CrosschipError
 from crosschip.fsio import atomic_dir
+from crosschip.htmlreport import jsonable
 from crosschip.verify import gates as G
-from crosschip.verify.metrics import distribution_metrics, greedy_metrics
+from crosschip.verify.compare import (
+    Pair,
+    checkpoint_dtype,
+    compare_conversion,
+    compare_fidelity,
+    compare_served,
+    require_checkpoint_ref,
+    served_checkpoint,
+)
 from crosschip.verify.prompts import PromptSet, load_prompts, tokenize_prompts
 from crosschip.verify.report import build_report, write_report
-from crosschip.verify.sides import MetricUnavailable, SideSpec, open_side, parse_side
-from crosschip.verify.types import GreedyRun, Side, TokenScores
+from crosschip.verify.sides import CheckpointSide, SideSpec, open_side, parse_side
+from crosschip.verify.tokenization import (
+    MAX_TEXTS,
+    TokenizationResult,
+    bos_trained,
+    check_endpoint,
+    check_tokenizer,
+)
+from crosschip.verify.types import Side
 
 Log = Callable[[str], None]
+Apply = Callable[[torch.nn.Module], object]
 _CLASSES = ("fp32", "fp16", "bf16", "int8", "fp8")  # gate classes, finest to coarsest
-_FULL_TOP_K = 5  # top-K kept per position when both sides give full distributions (top-5 overlap)
 
 
 @dataclass
@@ -51,6 +67,9 @@ class VerifyOptions:
     bootstrap: int = 1000
     certify: bool = True
     gate_overrides: dict[str, float | None] = field(default_factory=dict)
+    golden: bool = True  # measure the gates against the reference converted into the target's format
+    served: Path | None = None  # the checkpoint an endpoint target serves (default: its model card's root)
+    served_dtype: str | None = None  # what that endpoint computes in (default: the checkpoint's dtype; fp32 -> bf16)
 
 
 def pack_rows(sequences: list[list[int]], seq_len: int) -> list[list[int]]:
@@ -62,11 +81,6 @@ def pack_rows(sequences: list[list[int]], seq_len: int) -> list[list[int]]:
     if not rows:
         raise CrosschipError("the prompts give fewer than 2 tokens to score", "pass --prompts with more text")
     return rows
-
-
-def _batches(rows: list[list[int]], batch_size: int) -> list[torch.Tensor]:
-    # each: int64 [B, T]
-    return [torch.tensor(rows[i : i + batch_size], dtype=torch.long) for i in range(0, len(rows), batch_size)]
 
 
 def _precision(opts: VerifyOptions, spec: SideSpec, target: Side) -> str:
@@ -82,10 +96,10 @@ def _precision(opts: VerifyOptions, spec: SideSpec, target: Side) -> str:
     return G.precision_class(ident.get("dtype"), ident.get("format"))
 
 
-def _open_sides(opts: VerifyOptions, log: Log) -> tuple[Side, Side, SideSpec, str | None]:
+def _open_sides(opts: VerifyOptions, log: Log) -> tuple[Side, Side, SideSpec, str | None, Apply | None]:
     ref_spec, tgt_spec = parse_side(str(opts.ref)), parse_side(str(opts.target))  # a Path is a checkpoint side
     emulated = None
-    apply = None
+    apply = golden_apply = None
     if opts.emulate is not None:
         if tgt_spec.kind != "checkpoint":
             raise CrosschipError("--emulate needs an in-process target", "pass --target CKPT, not an endpoint URL")
@@ -99,11 +113,24 @@ def _open_sides(opts: VerifyOptions, log: Log) -> tuple[Side, Side, SideSpec, st
         def apply(model: torch.nn.Module) -> object:
             return apply_emulation(model, emu)
 
+        def golden_apply(model: torch.nn.Module) -> object:
+            # The golden keeps the emulated dtype and activation format but computes IEEE, without the chip's
+            # saturation: overflow is the target's own error to judge, not a floor to absorb.
+            return apply_emulation(model, replace(emu, saturate=False))
+
+    if opts.served_dtype is not None and opts.served_dtype not in ("fp32", "bf16", "fp16"):
+        raise CrosschipError(f"unknown --served-dtype {opts.served_dtype!r}", "use fp32, bf16 or fp16")
+    if opts.served is not None and tgt_spec.kind != "endpoint":
+        raise CrosschipError("--served names the checkpoint an endpoint serves", "use it with --target URL")
     log(f"loading ref {opts.ref}")
     ref = open_side(ref_spec)
-    log(f"loading target {opts.target}" + (f" (emulated {emulated})" if emulated else ""))
-    target = open_side(tgt_spec, emulate=apply, emulated=emulated)
-    return ref, target, tgt_spec, emulated
+    try:
+        log(f"loading target {opts.target}" + (f" (emulated {emulated})" if emulated else ""))
+        target = open_side(tgt_spec, emulate=apply, emulated=emulated)
+    except BaseException:
+        ref.close()
+        raise
+    return ref, target, tgt_spec, emulated, golden_apply
 
 
 def _tokenizer(ref: Side, target: Side) -> Any:
@@ -115,44 +142,65 @@ def _tokenizer(ref: Side, target: Side) -> Any:
                          "use a checkpoint with tokenizer files on one side (crosschip writes them)")
 
 
-def score_sides(opts: VerifyOptions, ref: Side, target: Side, rows: list[list[int]], precision: str,
-                log: Log) -> tuple[list[TokenScores] | None, list[TokenScores] | None, Any, dict[str, str]]:
-    """Teacher-forced scores of both sides (and the layer result when both run in-process)."""
-    in_process = all(s.info.kind == "checkpoint" for s in (ref, target))
-    if opts.layers and in_process:
-        from crosschip.verify.layers import localize
-
-        log(f"teacher-forced pass with layer localization: {len(rows)} rows x {len(rows[0])} tokens")
-        result = localize(ref.model, target.model, _batches(rows, opts.batch_size),  # type: ignore[attr-defined]
-                          isolated=opts.isolated, tgt_precision=precision)
-        # Both sides have full distributions: exact KL needs no top-K beyond the top-5 overlap metric.
-        k = min(opts.top_k, _FULL_TOP_K)
-        ref_scores = ref.scores_from_logits(rows, result.ref_logits, k)  # type: ignore[attr-defined]
-        tgt_scores = target.scores_from_logits(rows, result.tgt_logits, k)  # type: ignore[attr-defined]
-        return ref_scores, tgt_scores, result, {}
-    log(f"teacher-forced pass: {len(rows)} rows x {len(rows[0])} tokens")
-    try:
-        return ref.score(rows, opts.top_k), target.score(rows, opts.top_k), None, {}
-    except MetricUnavailable as e:
-        return None, None, None, {"distribution": str(e)}
+def _check_tokenization(prompts: PromptSet, ref: Side, target: Side, tokenizer: Any, log: Log) -> TokenizationResult:
+    manifest = getattr(getattr(ref, "checkpoint", None), "manifest", None)
+    trained = bos_trained(manifest)
+    if target.info.kind == "endpoint":
+        log(f"tokenization: sending {min(len(prompts.texts), MAX_TEXTS)} prompt texts as text")
+        return check_endpoint(prompts.texts, tokenizer, target, trained)
+    return check_tokenizer(prompts.texts, tokenizer, getattr(target, "tokenizer", None), trained)
 
 
-def _greedy_both(opts: VerifyOptions, ref: Side, target: Side, prompts: list[list[int]], log: Log,
-                 unavailable: dict[str, str]) -> tuple[list[GreedyRun], list[GreedyRun]]:
-    if opts.max_new_tokens <= 0 or not prompts:
-        return [], []
-    log(f"greedy continuations: {len(prompts)} prompts x {opts.max_new_tokens} tokens")
-    stops = frozenset().union(*(getattr(s, "stop_ids", frozenset()) for s in (ref, target)))
-    for side in (ref, target):
-        if side.info.kind == "endpoint":
-            side.stop_ids = stops  # an endpoint returns EOS where an in-process side stops before it
-    try:
-        ref_runs = [ref.greedy(p, opts.max_new_tokens, opts.top_n) for p in prompts]
-        tgt_runs = [target.greedy(p, opts.max_new_tokens, opts.top_n) for p in prompts]
-    except MetricUnavailable as e:
-        unavailable["greedy"] = str(e)
-        return [], []
-    return ref_runs, tgt_runs
+@dataclass
+class _Outcome:
+    """Everything the comparisons measured, before the verdict."""
+
+    main: Pair  # ref vs target (in-process), or ref vs endpoint
+    conversion: Pair | None = None  # endpoints: ref vs the served checkpoint in-process
+    fidelity: Pair | None = None  # endpoints: the endpoint vs the served checkpoint in-process
+    golden: dict[str, Any] | None = None
+    served: dict[str, Any] | None = None
+    tokenization: TokenizationResult | None = None
+
+    def gates(self) -> list[G.GateResult]:
+        pairs = [p for p in (self.conversion, self.main, self.fidelity) if p is not None]
+        out = [g for p in pairs for g in p.gates]
+        t = self.tokenization
+        if t is not None:
+            value = None if t.passed is None else float(t.mismatched)
+            out.append(G.GateResult("tokenization", value, None if t.passed is None else 0.0, t.passed,
+                                    f"{t.method}: {t.mismatched}/{t.checked} texts differ; {t.reason}",
+                                    group="tokenization"))
+        return out
+
+    def layers(self) -> Any:
+        return (self.conversion or self.main).layers
+
+
+def _verify_endpoint(opts: VerifyOptions, ref: Side, endpoint: Side, rows: list[list[int]],
+                     greedy_prompts: list[list[int]], precision: str, log: Log) -> _Outcome:
+    """Two-sided when the served checkpoint is known (conversion + fidelity), else one-sided (class gates)."""
+    served_path, why = served_checkpoint(opts, endpoint, log)
+    outcome = _Outcome(Pair(), served={"path": str(served_path) if served_path else None, "source": why})
+    ref_scores = end_scores = None
+    if served_path is not None:
+        ref_ckpt = require_checkpoint_ref(ref, "two-sided verification")
+        log(f"loading the served checkpoint {served_path} in-process (crosschip's own load)")
+        served = CheckpointSide(served_path)
+        try:
+            outcome.served["identity"] = served.info.identity
+            served_class = G.precision_class(served.dtype, served.info.identity.get("format"))
+            outcome.conversion, outcome.golden = compare_conversion(
+                opts, ref_ckpt, served, None, rows, greedy_prompts, served_class, log)
+            ref_scores, own = outcome.conversion.scores or (None, None)
+            dtype = opts.served_dtype or checkpoint_dtype(served_path)
+            outcome.fidelity, end_scores = compare_fidelity(opts, served, own or [], endpoint, rows, greedy_prompts,
+                                                            dtype, log)
+        finally:
+            served.close()
+    outcome.main = compare_served(opts, ref_scores, ref, endpoint, end_scores, rows, greedy_prompts, precision,
+                                  gated=served_path is None, log=log)
+    return outcome
 
 
 def run_verify(opts: VerifyOptions, log: Log | None = None) -> dict[str, Any]:
@@ -163,34 +211,67 @@ def run_verify(opts: VerifyOptions, log: Log | None = None) -> dict[str, Any]:
                              "pass --overwrite or another --report")
     started = time.perf_counter()
     prompt_set = load_prompts(opts.prompts)
-    ref, target, tgt_spec, emulated = _open_sides(opts, say)
+    ref, target, tgt_spec, emulated, golden_apply = _open_sides(opts, say)
     try:
-        texts, greedy_prompts = tokenize_prompts(prompt_set, _tokenizer(ref, target))
+        tokenizer = _tokenizer(ref, target)
+        texts, greedy_prompts = tokenize_prompts(prompt_set, tokenizer)
         rows = pack_rows(texts, opts.seq_len)
         precision = _precision(opts, tgt_spec, target)
-        ref_scores, tgt_scores, layer_result, unavailable = score_sides(opts, ref, target, rows, precision, say)
-        dist = distribution_metrics(ref_scores, tgt_scores, bootstrap=opts.bootstrap) if ref_scores else None
-        ref_runs, tgt_runs = _greedy_both(opts, ref, target, greedy_prompts, say, unavailable)
-        greedy = greedy_metrics(ref_runs, tgt_runs, opts.top_n) if ref_runs else None
+        token_check = _check_tokenization(prompt_set, ref, target, tokenizer, say)
+        if tgt_spec.kind == "endpoint":
+            outcome = _verify_endpoint(opts, ref, target, rows, greedy_prompts, precision, say)
+        else:
+            pair, golden = compare_conversion(opts, require_checkpoint_ref(ref, "an in-process target"),
+                                              target, golden_apply, rows, greedy_prompts, precision, say)  # type: ignore[arg-type]
+            outcome = _Outcome(pair, golden=golden)
+        outcome.tokenization = token_check
     finally:
         ref.close()
         target.close()
-    gates = G.resolve_gates(precision, opts.gate_overrides)
-    results = G.evaluate(dist, greedy, gates)
-    layer_fail = layer_result is not None and layer_result.first_failing is not None
-    passed = G.verdict(results, layer_fail, checked_layers=layer_result is not None)
-    report = build_report(
-        ref=ref.info, target=target.info, prompts=prompt_set, distribution=dist, unavailable=unavailable,
-        greedy=greedy, layers=layer_result.to_dict() if layer_result is not None else None, gates=results,
-        precision=precision, passed=passed, emulated=emulated, thresholds=gates,
-    )
+    report = _report(opts, outcome, ref, target, prompt_set, precision, emulated)
     report["seconds"] = round(time.perf_counter() - started, 3)
     if opts.report_dir is not None:
         with atomic_dir(Path(opts.report_dir), overwrite=opts.overwrite) as tmp:
             write_report(report, tmp)
-    if opts.certify and tgt_spec.kind == "checkpoint":
-        checkpoint.append_record(tgt_spec.path, "verifications", certificate(report, prompt_set))
+    _certify(opts, tgt_spec, report, prompt_set, say)
     return report
+
+
+def _report(opts: VerifyOptions, outcome: _Outcome, ref: Side, target: Side, prompts: PromptSet, precision: str,
+            emulated: str | None) -> dict[str, Any]:
+    gates = outcome.gates()
+    layers = outcome.layers()
+    layer_fail = layers is not None and layers.first_failing is not None
+    passed = G.verdict(gates, layer_fail, checked_layers=layers is not None)
+    main = outcome.main
+    unavailable = {**main.unavailable, **(outcome.fidelity.unavailable if outcome.fidelity else {})}
+    report = build_report(
+        ref=ref.info, target=target.info, prompts=prompts, distribution=main.distribution, unavailable=unavailable,
+        greedy=main.greedy, layers=layers.to_dict() if layers is not None else None, gates=gates,
+        precision=precision, passed=passed, emulated=emulated, thresholds=main.thresholds,
+    )
+    report["two_sided"] = outcome.conversion is not None or target.info.kind == "checkpoint"
+    report["noise_floor"] = {"golden": outcome.golden, **(outcome.conversion or main).section()}
+    report["served"] = outcome.served
+    report["conversion"] = outcome.conversion.section() if outcome.conversion is not None else None
+    report["fidelity"] = outcome.fidelity.section() if outcome.fidelity is not None else None
+    report["tokenization"] = outcome.tokenization.to_dict() if outcome.tokenization is not None else None
+    report["routing"] = layers.routing if layers is not None else []
+    return jsonable(report)
+
+
+def _certify(opts: VerifyOptions, spec: SideSpec, report: dict[str, Any], prompts: PromptSet, log: Log) -> None:
+    """Append the certificate to the target's crosschip.json; a checkpoint from another tool has none to append to."""
+    if not opts.certify or spec.kind != "checkpoint":
+        return
+    root = checkpoint.resolve_checkpoint_dir(Path(spec.path))  # type: ignore[arg-type]
+    if checkpoint.read_manifest(root) is None:
+        report["certified"] = False
+        log(f"not certified: {root} has no crosschip.json (a checkpoint from another tool); the report holds the "
+            "verdict")
+        return
+    checkpoint.append_record(root, "verifications", certificate(report, prompts))
+    report["certified"] = True
 
 
 def certificate(report: dict[str, Any], prompts: PromptSet) -> dict[str, Any]:
@@ -209,6 +290,10 @@ def certificate(report: dict[str, Any], prompts: PromptSet) -> dict[str, Any]:
         "metrics": _headline(report),
         "gates": report["gates"],
         "first_failing_layer": layers.get("first_failing"),
+        "gate_basis": (report.get("noise_floor") or {}).get("gate_basis"),
+        "tokenization": _pick(report.get("tokenization"), ("method", "checked", "mismatched", "passed")),
+        "fidelity": _pick(((report.get("fidelity") or {}).get("distribution")), ("kl_method", "kl_mean", "tokens")),
+        "served": (report.get("served") or {}).get("path"),
         "report_schema_version": report.get("schema_version"),
     }
 
@@ -222,3 +307,7 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
     out.update({f"greedy_{k}": greedy[k] for k in ("prompts", "identical", "mean_matched", "all_vllm_close")
                 if k in greedy})
     return out
+
+
+def _pick(section: dict[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    return None if not section else {k: section.get(k) for k in keys}

@@ -33,6 +33,7 @@ BATCH_TOKENS = 4096  # padded tokens per teacher-forced forward (batch x longest
 MAX_ENDPOINT_LOGPROBS = 20  # OpenAI's cap on (top_)logprobs; vLLM's default max_logprobs is the same
 TEACHER_FORCED_METRICS = ("kl", "top1", "top5", "ppl_ratio")  # what echo + prompt logprobs feed
 GREEDY_METRICS = ("greedy",)
+TOKENIZATION_METRICS = ("tokenization",)
 TOKEN_IDS_FIELD = "return_tokens_as_token_ids"
 _TOKEN_ID = re.compile(r"^token_id:(\d+)$")
 _DTYPE_SUFFIX = re.compile(r":(fp32|bf16|fp16)$")
@@ -221,20 +222,23 @@ class CheckpointSide:
         apply: Callable[[Any], object] | None = None,
         emulated: str | None = None,
         batch_tokens: int = BATCH_TOKENS,
+        verify: bool = True,
     ) -> None:
         from crosschip.checkpoint import load_model, load_tokenizer_if_present, runtime_versions, storage_format
         from crosschip.devices import resolve_device, torch_dtype
+        from crosschip.verify.emulate import format_numerics
 
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.model, self.checkpoint = load_model(Path(path), self.device, torch_dtype(dtype))
+        self.model, self.checkpoint = load_model(Path(path), self.device, torch_dtype(dtype), verify=verify)
         self.tokenizer = load_tokenizer_if_present(Path(path))
         self.batch_tokens = batch_tokens
-        self.emulation = apply(self.model) if apply is not None else None
+        fmt, layout = storage_format(self.checkpoint)
+        # An emulation brings the format's activation numerics itself; a plain load gets them here.
+        self.emulation = apply(self.model) if apply is not None else format_numerics(self.model, fmt)
         self.stop_ids = _stop_ids(self.model, self.tokenizer)
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0  # any valid id: padded positions are masked and dropped
-        fmt, layout = storage_format(self.checkpoint)
         label = f"{path}@{self.device}:{dtype}" + (f" (emulated {emulated})" if emulated else "")
         identity = {
             "path": str(self.checkpoint.path),
@@ -487,6 +491,17 @@ class EndpointSide:
             top_ids=torch.tensor([[t for t, _ in row[:width]] for row in tops], dtype=torch.long).view(n - 1, width),
             top_logprobs=torch.tensor([[v for _, v in row[:width]] for row in tops]).view(n - 1, width).float(),
         )
+
+    def echo_ids(self, text: str) -> tuple[list[int] | None, int | None]:
+        """(ids the endpoint scored for a text prompt, its prompt token count); ids None without echoed ids."""
+        response = self._complete(TOKENIZATION_METRICS, prompt=text, echo=True, logprobs=1, max_tokens=1,
+                                  temperature=0)
+        count = getattr(response.usage, "prompt_tokens", None) if response.usage is not None else None
+        lp = response.choices[0].logprobs if response.choices else None
+        if lp is None or not count or len(lp.tokens or []) < count:
+            return None, count
+        ids = [_token_id(t) for t in lp.tokens[:count]]
+        return (None if any(t is None for t in ids) else [int(t) for t in ids if t is not None]), count
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int, top_n: int) -> GreedyRun:
         """Greedy completion of the prompt ids; a trailing EOS in `stop_ids` is dropped."""
