@@ -70,10 +70,13 @@ def test_deepseek_mla_and_moe_fp8_checkpoint_passes_when_aligned(deepseek_blocks
 def test_a_bf16_checkpoint_reports_what_convert_to_fp8_block_would_do(tmp_path: Path) -> None:
     bad = row(run_check(write_config_dir(tmp_path / "688", llama_config(688)), "nvidia-h100"), "fp8-blocks")
     assert bad.status == "PASS"  # the bf16 checkpoint itself loads
-    assert "`crosschip convert --to fp8-block` would be refused: model.layers.0.mlp.gate_proj.weight" in bad.reason
+    assert "`crosschip convert --to fp8-block` refuses it: model.layers.0.mlp.gate_proj.weight" in bad.reason
     assert bad.details["applies_to"] == "convert --to fp8-block (planned)" and bad.details["violations"]
     good = row(run_check(write_config_dir(tmp_path / "256", llama_config(256)), "nvidia-h100"), "fp8-blocks")
     assert "would load on vllm on nvidia-h100 at --devices 1" in good.reason and not good.details["violations"]
+    split = row(run_check(tmp_path / "256", "nvidia-h100", devices=2), "fp8-blocks")  # head_dim 64 per rank
+    assert "a `crosschip convert --to fp8-block` output would not load on vllm on nvidia-h100 at --devices 2: " \
+        in split.reason and "model.layers.0.self_attn.q_proj.weight: output partition 64" in split.reason
 
 
 def test_convert_gate_refuses_unless_forced(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ no engine can load unless `--force`.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -178,8 +179,15 @@ def planned_fp8_shapes(inv: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _describe(violations: list[Violation]) -> str:
-    more = f"; and {len(violations) - _EXAMPLES} more" if len(violations) > _EXAMPLES else ""
-    return "; ".join(v.message() for v in violations[:_EXAMPLES]) + more
+    """The first violation of each kind (the same projection in every layer is one kind), with counts."""
+    kinds: dict[tuple[str, str, str], list[Violation]] = {}
+    for v in violations:
+        kinds.setdefault((re.sub(r"\.\d+\.", ".N.", v.tensor), v.dim, v.rule), []).append(v)
+    shown = [vs[0].message(rule=False) + (f" (and {len(vs) - 1} more like it)" if len(vs) > 1 else "")
+             for vs in list(kinds.values())[:_EXAMPLES]]
+    rules = sorted({v.rule for v in violations})
+    more = f"; and {len(kinds) - _EXAMPLES} more kinds" if len(kinds) > _EXAMPLES else ""
+    return f"{'; '.join(shown)}{more} ({'; '.join(rules)})"
 
 
 def _passing_devices(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any],
@@ -203,8 +211,12 @@ def check_fp8_blocks(inv: Any, profile: TargetProfile, stack: Stack, devices: in
     skipped = f"; {len(unclassified)} FP8 tensors in no layer vLLM's rule knows (not checked)" if unclassified else ""
     where = f"{stack.name} on {profile.name} at --devices {devices}"
     if not stored:
-        verdict = (f"`crosschip convert --to fp8-block` would be refused: {_describe(violations)}" if violations
-                   else f"`crosschip convert --to fp8-block` would load on {where}")
+        refused = devices == 1 or bool(fp8_violations(shapes, inv.config, 1, stack.fp8_block)[0])
+        verdict = f"`crosschip convert --to fp8-block` would load on {where}"
+        if violations:
+            verdict = ("`crosschip convert --to fp8-block` refuses it" if refused
+                       else f"a `crosschip convert --to fp8-block` output would not load on {where}")
+            verdict += f": {_describe(violations)}"
         return CheckResult("fp8-blocks", "PASS", f"{inv.fmt} checkpoint, no FP8 weights; {verdict}{skipped}", None,
                            details)
     if not violations:
@@ -212,7 +224,7 @@ def check_fp8_blocks(inv: Any, profile: TargetProfile, stack: Stack, devices: in
         return CheckResult("fp8-blocks", "PASS", reason, None, details)
     passing = _passing_devices(shapes, inv.config, stack.fp8_block)
     details["passing_devices"] = passing
-    reason = f"{where} refuses to load it: {_describe(violations)} (source: {stack.cite('fp8_block')})"
+    reason = f"{where} refuses to load it: {_describe(violations)} (source: {', '.join(details['sources'])})"
     dequantize = f"dequantize it: {convert_fix(profile, ckpt_arg)}"
     fix = (f"serve it on --devices {' or '.join(map(str, passing))}; or {dequantize}" if passing
            else f"{dequantize} (no --devices value loads it)")

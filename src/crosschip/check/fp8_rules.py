@@ -68,12 +68,13 @@ class Violation:
     tp: int
     rule: str
 
-    def message(self) -> str:
-        """One line: tensor, dimension, sizes and the rule."""
+    def message(self, rule: bool = True) -> str:
+        """One line: tensor, dimension, sizes and (unless rule=False) the rule."""
+        why = f" ({self.rule})" if rule else ""
         if self.multiple > 1:
             return (f"{self.tensor}: {self.dim} partition {self.size} of {self.layer} at tp={self.tp} is not a "
-                    f"multiple of the FP8 block {self.multiple} ({self.rule})")
-        return f"{self.tensor}: {self.dim} {self.size} of {self.layer} is not divisible by tp={self.tp} ({self.rule})"
+                    f"multiple of the FP8 block {self.multiple}{why}")
+        return f"{self.tensor}: {self.dim} {self.size} of {self.layer} is not divisible by tp={self.tp}{why}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"tensor": self.tensor, "layer": self.layer, "dim": self.dim, "size": self.size,
