@@ -138,6 +138,8 @@ def convert(
     clamp: Annotated[bool, typer.Option("--clamp", help="fp16: saturate overflowing values (recorded).")] = False,
     shard_size: Annotated[str, typer.Option(help="Max output shard size, e.g. 4GB.")] = "4GB",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing DST.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="fp8-block: write it even if no engine can load it (recorded).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Re-encode a checkpoint for the serving chip, streaming one tensor at a time."""
@@ -147,6 +149,13 @@ def convert(
 
     opts = resolve_options(to, target, layout, dtype, clamp=clamp, overwrite=overwrite,
                            shard_bytes=parse_size(shard_size))
+    if opts.fmt == "fp8-block":  # refuse what vLLM's FP8 block-shape rule rejects (crosschip.check.engine)
+        from crosschip.check.engine import convert_gate
+
+        opts.forced = tuple(convert_gate(src, force))
+        if opts.forced:
+            err.print(f"warning: --force: writing fp8-block that no engine can load ({len(opts.forced)} "
+                      f"violations, recorded as 'forced'): {opts.forced[0]}", highlight=False, soft_wrap=True)
     with byte_progress(err, "convert", quiet=json_out) as progress:
         record = run_convert(src, dst, opts, progress)
     if json_out:
@@ -278,6 +287,9 @@ def verify(
 def check(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory, or a directory with only config.json.")],
     target: Annotated[str, typer.Option(help="Target profile, e.g. ascend-910b (see `crosschip targets`).")],
+    stack: Annotated[str | None, typer.Option(
+        help="Serving stack whose rules apply: vllm, vllm-ascend, mindie, transformers (default: the profile's first).")
+    ] = None,
     devices: Annotated[int, typer.Option(help="Devices the model is served on (tensor parallel).")] = 1,
     batch: Annotated[int, typer.Option(help="Concurrent sequences the KV cache must hold.")] = 1,
     context: Annotated[int | None, typer.Option(help="Tokens per sequence (default: model max, <= 32768).")] = None,
@@ -298,7 +310,8 @@ def check(
     if csv_path is not None and csv_path.exists() and not overwrite:
         raise CrosschipError(f"--csv {csv_path} already exists", "pass --overwrite or choose another path")
     report = run_check(
-        ckpt, target, devices=devices, batch=batch, context=context, scripts=script or (), numerics=numerics
+        ckpt, target, devices=devices, batch=batch, context=context, scripts=script or (), numerics=numerics,
+        stack=stack,
     )
     if csv_path is not None:
         from crosschip.check.code import findings_csv
@@ -314,8 +327,9 @@ def check(
         for row in report.checks:
             table.add_row(row.check, Text(row.status, style=colors[row.status]), Text(row.reason), Text(row.fix or ""))
         out.print(table)
-        out.print(f"verdict: {report.verdict.upper()} ({report.target}, {report.devices} device(s), batch "
-                  f"{report.batch}, context {report.context}; {report.elapsed_s:.2f} s)", highlight=False)
+        out.print(f"verdict: {report.verdict.upper()} ({report.target}, stack {report.stack}, {report.devices} "
+                  f"device(s), batch {report.batch}, context {report.context}; {report.elapsed_s:.2f} s)",
+                  highlight=False)
     raise typer.Exit(report.exit_code)
 
 

@@ -74,3 +74,46 @@ def deepseek_fp8(make_checkpoint: Callable[..., Path], tmp_path_factory: pytest.
     """deepseek-tiny (MLA + MoE) converted to DeepSeek-V3 FP8 blocks (1-byte weights + 128x128 fp32 scales)."""
     src = make_checkpoint("deepseek-tiny", tmp_path_factory.mktemp("check-deepseek") / "fp32")
     return convert_to(src, src.parent / "fp8", to="fp8-block")
+
+
+# Block-aligned and misaligned models for the FP8 block-shape rule (vLLM validate_fp8_block_shape): every
+# Linear a multiple of 128 but the one under test. Written like a preset checkpoint, from a preset object.
+def _write_custom(preset: Any, tokenizer: Any, out: Path) -> Path:
+    from crosschip import checkpoint, models
+
+    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = models.build_model(preset.build_config(len(tokenizer), *special), seed=0)
+    return checkpoint.write_checkpoint(out, model, tokenizer, provenance={"preset": preset.name, "seed": 0})
+
+
+@pytest.fixture(scope="session")
+def llama_688_fp8(tiny_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama with intermediate_size 688 (the `small` preset's), converted to FP8 blocks by the library
+    (which does not gate): gate_up_proj's partition 688 is not a multiple of 128, so no engine loads it."""
+    from crosschip.models import LlamaPreset
+
+    root = tmp_path_factory.mktemp("check-688")
+    src = _write_custom(LlamaPreset("l688", "test", 128, 2, 2, 2, 688, 256), tiny_tokenizer, root / "fp32")
+    return convert_to(src, root / "fp8", to="fp8-block")
+
+
+@pytest.fixture(scope="session")
+def llama_256_fp8(tiny_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same Llama with intermediate_size 256: every partition lines up at --devices 1."""
+    from crosschip.models import LlamaPreset
+
+    root = tmp_path_factory.mktemp("check-256")
+    src = _write_custom(LlamaPreset("l256", "test", 128, 2, 2, 2, 256, 256), tiny_tokenizer, root / "fp32")
+    return convert_to(src, root / "fp8", to="fp8-block")
+
+
+@pytest.fixture(scope="session")
+def deepseek_blocks_fp8(tiny_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepSeek-V3 style (MLA + MoE), every FP8 partition a multiple of 128 at --devices 1 (experts 128 wide)."""
+    from crosschip.models import DeepseekV3Preset
+
+    preset = DeepseekV3Preset("ds-blocks", "test", 128, 2, 2, 256, 128, 4, 2, 1, 1, kv_lora_rank=128,
+                              q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64,
+                              max_position=512)
+    root = tmp_path_factory.mktemp("check-ds-blocks")
+    return convert_to(_write_custom(preset, tiny_tokenizer, root / "fp32"), root / "fp8", to="fp8-block")

@@ -1,4 +1,4 @@
-"""Architecture check against the serving_architectures each target profile records (with source and date)."""
+"""Architecture check against the architectures each serving stack of a target profile records (source, date)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ def _config(arch: str | None) -> dict:
     return {"architectures": [arch]} if arch else {"model_type": "llama"}
 
 
-def test_every_shipped_profile_records_its_list_source_and_date() -> None:
+def test_every_shipped_default_stack_records_its_list_source_and_date() -> None:
     for name in list_targets():
-        p = load_target(name)
-        assert p.serving_architectures, name
-        assert p.serving_architectures_source.startswith("https://"), name
-        assert dt.date.fromisoformat(p.serving_architectures_date) <= dt.date.today(), name
+        stack = load_target(name).stack()
+        assert stack.architectures, name
+        assert stack.source_refs("architectures")[0].startswith("https://"), name
+        assert dt.date.fromisoformat(stack.architectures_date) <= dt.date.today(), name
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,8 @@ def test_architecture_status(arch: str | None, target: str, status: str) -> None
     if status == "FAIL":
         assert row.fix
     if arch and status != "WARN":
-        assert load_target(target).serving_architectures_date in row.reason
+        assert load_target(target).stack().architectures_date in row.reason
+        assert f"{load_target(target).stack().name} on {target}" in row.reason
 
 
 def test_fail_names_targets_that_do_serve_it() -> None:
@@ -54,40 +55,54 @@ def test_fail_names_targets_that_do_serve_it() -> None:
     assert "nvidia-h100" in row.fix and "cpu" in row.fix and "ascend-910c" not in row.fix
 
 
-def test_cpu_accepts_what_auto_model_for_causal_lm_maps() -> None:
-    assert load_target("cpu").serving_architectures == (ANY_TRANSFORMERS_CAUSAL_LM,)
+def test_cpu_transformers_stack_accepts_what_auto_model_for_causal_lm_maps() -> None:
+    cpu = load_target("cpu")
+    assert cpu.stack("transformers").architectures == (ANY_TRANSFORMERS_CAUSAL_LM,)
     assert {"LlamaForCausalLM", "DeepseekV3ForCausalLM"} <= transformers_causal_lms()
+    # vLLM does not list it; crosschip serve (transformers) runs it: the FAIL points at the other stack
+    arch = "BertLMHeadModel"
+    assert arch in transformers_causal_lms() and arch not in cpu.stack("vllm").architectures
+    row = check_architecture(_config(arch), cpu, cpu.stack("vllm"))
+    assert row.status == "FAIL" and "--stack transformers" in row.fix
+    assert check_architecture(_config(arch), cpu, cpu.stack("transformers")).status == "PASS"
+
+
+def test_mindie_has_no_recorded_list_and_warns() -> None:
+    profile = load_target("ascend-910b")
+    row = check_architecture(_config("LlamaForCausalLM"), profile, profile.stack("mindie"))
+    assert row.status == "WARN" and "mindie stack of ascend-910b lists no architectures" in row.reason
+    assert row.details["stack"] == "mindie"
 
 
 def test_profile_without_a_list_warns(tmp_path: Path) -> None:
     path = write_profile(tmp_path)
     row = check_architecture(_config("LlamaForCausalLM"), load_target_file(path))
-    assert row.status == "WARN" and "lists no serving architectures" in row.reason
+    assert row.status == "WARN" and "lists no architectures" in row.reason
 
 
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
-        ('serving_architectures = ["LlamaForCausalLM"]\nserving_architectures_date = "2026-11-29"\n',
-         "serving_architectures_source"),
-        ('serving_architectures = ["LlamaForCausalLM"]\nserving_architectures_source = "https://x.org"\n'
-         'serving_architectures_date = "last week"\n', "serving_architectures_date"),
-        ('serving_architectures = ["Llama ForCausalLM"]\n', "serving_architectures"),
-        ('serving_architectures = "LlamaForCausalLM"\n', "serving_architectures"),
-        ('serving_architectures = ["A", "A"]\nserving_architectures_source = "https://x.org"\n'
-         'serving_architectures_date = "2026-11-29"\n', "serving_architectures"),
+        ('architectures = ["LlamaForCausalLM"]\n', "architectures_date"),
+        ('architectures = ["LlamaForCausalLM"]\narchitectures_date = "last week"\n', "architectures_date"),
+        ('architectures = ["Llama ForCausalLM"]\n', "architectures"),
+        ('architectures = "LlamaForCausalLM"\n', "architectures"),
+        ('architectures = ["A", "A"]\narchitectures_date = "2026-11-29"\n', "architectures"),
+        ('architectures = ["LlamaForCausalLM"]\narchitectures_date = "2026-11-29"\n', "sources"),  # no source
     ],
 )
 def test_bad_architecture_fields_are_refused_by_name(tmp_path: Path, extra: str, field: str) -> None:
-    path = write_profile(tmp_path, extra)
-    with pytest.raises(CrosschipError, match=field):
+    path = write_profile(tmp_path, stack_extra=extra)
+    with pytest.raises(CrosschipError, match=f"field '{field}'"):
         load_target_file(path)
 
 
 def test_a_complete_custom_list_loads(tmp_path: Path) -> None:
-    extra = ('serving_architectures = ["LlamaForCausalLM"]\nserving_architectures_unverified = ["Qwen2ForCausalLM"]\n'
-             'serving_architectures_source = "https://example.org/models"\nserving_architectures_date = "2026-11-01"\n')
-    path = write_profile(tmp_path, extra)
+    extra = ('architectures = ["LlamaForCausalLM"]\narchitectures_unverified = ["Qwen2ForCausalLM"]\n'
+             'architectures_date = "2026-11-01"\n')
+    path = write_profile(tmp_path, stack_extra=extra)
+    text = path.read_text(encoding="utf-8").replace('rules = ["formats"]', 'rules = ["formats", "architectures"]')
+    path.write_text(text, encoding="utf-8")
     profile = load_target_file(path)
     assert check_architecture(_config("Qwen2ForCausalLM"), profile).status == "WARN"
     assert check_architecture(_config("LlamaForCausalLM"), profile).status == "PASS"

@@ -64,15 +64,16 @@ def validate(value: Any, schema: dict[str, Any], where: str = "$") -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(deepseek_fp8: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def runs(deepseek_fp8: Path, deepseek_blocks_fp8: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("check-cli")
     (root / "cuda_train.py").write_text(CUDA_SCRIPT, encoding="utf-8")
     (root / "portable.py").write_text(PORTABLE_SCRIPT, encoding="utf-8")
     (root / "existing.csv").write_text("keep me\n", encoding="utf-8")
-    ckpt = str(deepseek_fp8)
+    ckpt = str(deepseek_blocks_fp8)  # FP8 that vLLM loads on Hopper (every partition a multiple of 128)
     cases = {
         "h100-json": [ckpt, "--target", "nvidia-h100", "--json"],
-        "910b-table": [ckpt, "--target", "ascend-910b", "--devices", "2"],
+        "910b-table": [str(deepseek_fp8), "--target", "ascend-910b", "--devices", "2"],
+        "bad-stack": [ckpt, "--target", "nvidia-h100", "--stack", "sglang"],
         "bad-target": [ckpt, "--target", "tpu-v9"],
         "bad-context": [ckpt, "--target", "nvidia-h100", "--context", "0"],
         "csv-no-script": [ckpt, "--target", "nvidia-h100", "--csv", str(root / "x.csv")],
@@ -94,15 +95,15 @@ def test_pass_exits_0_with_a_schema_valid_json_report(runs: dict[str, Any]) -> N
     report = json.loads(run.stdout)
     validate(report, REPORT_SCHEMA)
     assert report["schema_version"] == SCHEMA_VERSION == 1
-    assert report["verdict"] == "pass" and report["target"] == "nvidia-h100"
-    assert (report["devices"], report["batch"], report["context"]) == (1, 1, 512)  # tiny preset's max position
-    assert [c["check"] for c in report["checks"]] == ["formats", "memory", "architecture", "numerics"]
+    assert report["verdict"] == "pass" and report["target"] == "nvidia-h100" and report["stack"] == "vllm"
+    assert (report["devices"], report["batch"], report["context"]) == (1, 1, 512)  # the model's max position
+    assert [c["check"] for c in report["checks"]] == ["formats", "memory", "architecture", "fp8-blocks", "numerics"]
 
 
 def test_fail_exits_1_with_a_table_naming_the_fix(runs: dict[str, Any], deepseek_fp8: Path) -> None:
     run = runs["910b-table"]
     assert run.returncode == 1, run.stderr
-    assert "FAIL" in run.stdout and "verdict: FAIL" in run.stdout
+    assert "FAIL" in run.stdout and "verdict: FAIL (ascend-910b, stack vllm-ascend," in run.stdout
     assert "ascend-910b cannot run fp8-block" in run.stdout
     assert f"crosschip convert {deepseek_fp8}" in run.stdout
 
@@ -110,6 +111,7 @@ def test_fail_exits_1_with_a_table_naming_the_fix(runs: dict[str, Any], deepseek
 @pytest.mark.parametrize(
     ("name", "expect"),
     [("bad-target", "unknown target 'tpu-v9'"), ("bad-context", "--context must be at least 1"),
+     ("bad-stack", "nvidia-h100 has no serving stack 'sglang' (fix: use --stack vllm)"),
      ("csv-no-script", "no --script was given"), ("missing-ckpt", "does not exist"),
      ("csv-exists", "already exists")],
 )

@@ -77,6 +77,17 @@ def build_cases(root: Path, fp8: Fp8Checkpoint, llama_src: Path) -> dict[str, Ca
     (src / INDEX).write_text(json.dumps(index))
     cases["unsafe"] = Case([str(src), str(unsafe / "out"), "--to", "bf16"], unsafe,
                            "unsafe path '../../etc/passwd'")
+
+    # The tiny Llama's q_proj has 64 rows: vLLM's FP8 block rule (128) refuses its merged qkv_proj.
+    shape = root / "fp8-shape"
+    shape.mkdir()
+    cases["fp8-shape"] = Case([str(llama_src), str(shape / "out"), "--to", "fp8-block"], shape,
+                              "no engine can load this as fp8-block: model.layers.0.self_attn.q_proj.weight: "
+                              "output partition 64 of model.layers.0.self_attn.qkv_proj at tp=1")
+    forced = root / "fp8-forced"
+    forced.mkdir()
+    cases["fp8-forced"] = Case([str(llama_src), str(forced / "out"), "--to", "fp8-block", "--force", "--json"],
+                               forced, "")
     return cases
 
 
@@ -104,7 +115,19 @@ def test_success_prints_the_record_as_json(results: Results) -> None:
     assert sorted(p.name for p in case.scratch.iterdir()) == ["out"]  # no temp directory left beside it
 
 
-@pytest.mark.parametrize("name", ["exists", "target", "overflow", "unsafe"])
+def test_force_writes_fp8_no_engine_loads_with_a_warning_and_records_it(results: Results) -> None:
+    case, res = results["fp8-forced"]
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning: --force")]
+    assert len(warnings) == 1 and "model.layers.0.self_attn.q_proj.weight" in warnings[0]
+    record: dict[str, Any] = json.loads(res.stdout)
+    assert record["to"] == "fp8-block" and record["forced"]
+    assert all("validate_fp8_block_shape" in v for v in record["forced"])
+    manifest = json.loads((case.scratch / "out" / "crosschip.json").read_text())
+    assert manifest["conversions"][-1]["forced"] == record["forced"]
+
+
+@pytest.mark.parametrize("name", ["exists", "target", "overflow", "unsafe", "fp8-shape"])
 def test_bad_input_is_one_error_line_and_changes_nothing(results: Results, name: str) -> None:
     case, res = results[name]
     assert res.returncode != 0

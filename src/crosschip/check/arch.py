@@ -1,9 +1,10 @@
-"""Architecture check: the model class (config.json `architectures`) against what the target's serving stacks run.
+"""Architecture check: the model class (config.json `architectures`) against what the chosen serving stack runs.
 
-Each target profile records `serving_architectures` (documented as supported on that chip),
-`serving_architectures_unverified` (supported by the same stack on sibling hardware, not documented
-on this chip), the URL of that list and the date it was checked. The cpu target lists
-`any-transformers-causal-lm`: crosschip serve runs whatever AutoModelForCausalLM loads.
+Each stack of a target profile records `architectures` (documented as supported on that chip),
+`architectures_unverified` (supported by the same stack on sibling hardware, not documented on this
+chip), the date the list was checked, and its source (crosschip.targets.stacks). The cpu target's
+transformers stack lists `any-transformers-causal-lm`: crosschip serve runs whatever
+AutoModelForCausalLM loads.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from crosschip.check.run import CheckResult
-from crosschip.targets import ANY_TRANSFORMERS_CAUSAL_LM, TargetProfile, list_targets, load_target
+from crosschip.targets import ANY_TRANSFORMERS_CAUSAL_LM, Stack, TargetProfile, list_targets, load_target
 
 
 def transformers_causal_lms() -> set[str]:
@@ -24,44 +25,52 @@ def transformers_causal_lms() -> set[str]:
     return names
 
 
-def _supported(profile: TargetProfile, arch: str) -> bool:
-    if ANY_TRANSFORMERS_CAUSAL_LM in profile.serving_architectures and arch in transformers_causal_lms():
+def _supported(stack: Stack, arch: str) -> bool:
+    if ANY_TRANSFORMERS_CAUSAL_LM in stack.architectures and arch in transformers_causal_lms():
         return True
-    return arch in profile.serving_architectures
+    return arch in stack.architectures
 
 
 def _other_targets(arch: str, exclude: str) -> list[str]:
-    """Shipped targets whose serving stacks document `arch` (for the fix)."""
-    return [n for n in list_targets() if n != exclude and _supported(load_target(n), arch)]
+    """Shipped targets one of whose serving stacks documents `arch` (for the fix)."""
+    return [n for n in list_targets() if n != exclude and any(_supported(s, arch) for s in load_target(n).stacks)]
 
 
-def check_architecture(config: dict[str, Any], profile: TargetProfile) -> CheckResult:
-    """PASS if the target's stacks document the architecture, WARN if only on sibling hardware or the
-    profile has no list, FAIL if the list does not name it."""
+def _fail_fix(arch: str, profile: TargetProfile, stack: Stack) -> str:
+    others = [s.name for s in profile.stacks if s is not stack and _supported(s, arch)]
+    if others:
+        return f"serve it with --stack {' or '.join(others)}"
+    targets = _other_targets(arch, profile.name)
+    where = f"targets that list it: {', '.join(targets)}" if targets else "no shipped target lists it"
+    return f"serve it on another target ({where}), or port the model to {stack.name}"
+
+
+def check_architecture(config: dict[str, Any], profile: TargetProfile, stack: Stack | None = None) -> CheckResult:
+    """PASS if the stack (default: the profile's first) documents the architecture on this target, WARN if only
+    on sibling hardware or the stack has no list, FAIL if the list does not name it."""
+    stack = stack or profile.stack()
     archs = config.get("architectures")
     arch = str(archs[0]) if isinstance(archs, list) and archs else None
-    stacks = ", ".join(profile.serving_stacks)
-    source = f"list: {profile.serving_architectures_source}, checked {profile.serving_architectures_date}"
-    details = {"architecture": arch, "serving_stacks": list(profile.serving_stacks),
-               "source": profile.serving_architectures_source, "date": profile.serving_architectures_date}
+    refs = stack.source_refs("architectures")
+    source = f"rule: architectures; list: {', '.join(refs) or 'none'}, checked {stack.architectures_date or '-'}"
+    where = f"{stack.name} on {profile.name}"
+    details = {"architecture": arch, "stack": stack.name, "serving_stacks": list(profile.serving_stacks),
+               "rule": "architectures", "sources": refs, "date": stack.architectures_date}
     if arch is None:
         return CheckResult("architecture", "WARN", "config.json names no architecture (`architectures` is missing)",
                            "add the model class to config.json, e.g. \"architectures\": [\"LlamaForCausalLM\"]",
                            details)
-    if not profile.serving_architectures and not profile.serving_architectures_unverified:
-        return CheckResult("architecture", "WARN", f"the {profile.name} profile lists no serving architectures",
-                           "add serving_architectures (with source and date) to the target profile", details)
-    if _supported(profile, arch):
-        return CheckResult("architecture", "PASS", f"{arch} is supported by {stacks} ({source})", None, details)
-    if arch in profile.serving_architectures_unverified:
+    if not stack.architectures and not stack.architectures_unverified:
+        return CheckResult("architecture", "WARN", f"the {stack.name} stack of {profile.name} lists no architectures",
+                           f"run a smoke test of {arch} on {where}, or add architectures (with sources) to the "
+                           "profile", details)
+    if _supported(stack, arch):
+        return CheckResult("architecture", "PASS", f"{arch} is supported by {where} ({source})", None, details)
+    if arch in stack.architectures_unverified:
         return CheckResult(
-            "architecture", "WARN",
-            f"{arch} is supported by {stacks} on related hardware but not documented on {profile.name} ({source})",
-            f"run a smoke test on one {profile.name} device before booking the cluster", details,
+            "architecture", "WARN", f"{arch} is supported by {stack.name} on related hardware but not documented on "
+            f"{profile.name} ({source})", f"run a smoke test on one {profile.name} device before booking the cluster",
+            details,
         )
-    others = _other_targets(arch, profile.name)
-    where = f"targets that list it: {', '.join(others)}" if others else "no shipped target lists it"
-    return CheckResult(
-        "architecture", "FAIL", f"{arch} is not among the architectures {stacks} support on {profile.name} ({source})",
-        f"serve it on another target ({where}), or port the model to {stacks}", details,
-    )
+    return CheckResult("architecture", "FAIL", f"{arch} is not among the architectures {where} supports ({source})",
+                       _fail_fix(arch, profile, stack), details)

@@ -12,11 +12,12 @@ every other model type, so a 600B-parameter config is sized in about a second.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ import torch
 
 from crosschip.check.run import CheckResult
 from crosschip.convert.layouts import stored_specs
+from crosschip.convert.policy import keep_fp32
 from crosschip.errors import CrosschipError
-from crosschip.targets import SERVING_FORMATS, TargetProfile
+from crosschip.targets import SERVING_FORMATS, Stack, TargetProfile
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -54,19 +56,19 @@ def gib(nbytes: float) -> str:
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """One tensor as stored: name, dtype name (DTYPE_NAMES), element count and bytes."""
+    """One tensor as stored: name, dtype name (DTYPE_NAMES), element count, bytes and shape."""
 
     name: str
     dtype: str
     numel: int
     nbytes: int
+    shape: tuple[int, ...] = ()
 
-    @property
+    @functools.cached_property
     def role(self) -> str:
         """'quantized' (fp8 / int8 codes), 'float' (a weight served in its float dtype), 'aux' (scales,
-        offsets, and tensors every format keeps in fp32) or 'other' (integer metadata)."""
-        from crosschip.convert.policy import keep_fp32
-
+        offsets, and tensors every format keeps in fp32) or 'other' (integer metadata). Cached: a 600B
+        checkpoint has ~90k tensors and every check groups them."""
         if self.name.endswith(_AUX_SUFFIXES) or keep_fp32(self.name):
             return "aux"
         if self.name.endswith(".weight_packed") or self.dtype in ("fp8_e4m3", "fp8_e5m2", "int8"):
@@ -160,7 +162,7 @@ def header_tensors(root: Path) -> list[StoredTensor]:
 
     files = sorted(set(weight_files(root).values()))
     return [
-        StoredTensor(i.name, DTYPE_NAMES.get(i.dtype, str(i.dtype)), math.prod(i.shape), i.nbytes)
+        StoredTensor(i.name, DTYPE_NAMES.get(i.dtype, str(i.dtype)), math.prod(i.shape), i.nbytes, tuple(i.shape))
         for f in files
         for i in scan_file(root, f)
     ]
@@ -341,7 +343,7 @@ def config_inventory(root: Path, config: dict[str, Any]) -> Inventory:
     dtype = layouts.resolve_dtype(fmt, hp)
     plan = layouts.make_plan(fmt, layout, shapes, config)
     tensors = [
-        StoredTensor(out, DTYPE_NAMES[dt], math.prod(shp), math.prod(shp) * dt.itemsize)
+        StoredTensor(out, DTYPE_NAMES[dt], math.prod(shp), math.prod(shp) * dt.itemsize, tuple(shp))
         for name, shape in shapes.items()
         for out, dt, shp in stored_specs(plan, name, shape, dtype)
     ]
@@ -379,12 +381,15 @@ def convert_fix(profile: TargetProfile, ckpt_arg: str) -> str:
     return fix
 
 
-def _problems(inv: Inventory, profile: TargetProfile) -> tuple[list[str], list[str]]:
-    """(failures, warnings) of the stored dtypes on this target."""
+def _problems(inv: Inventory, profile: TargetProfile, stack: Stack | None = None) -> tuple[list[str], list[str]]:
+    """(failures, warnings) of the stored dtypes on this target's chip. A quantized format the chip cannot
+    compute in natively is not a failure when `stack` runs it there (e.g. FP8 weights dequantized on load)."""
     fails: list[str] = []
     warns: list[str] = []
     quantized = _group(inv.tensors, "quantized")
     servable = inv.fmt in SERVING_FORMATS and profile.can_serve(inv.fmt)
+    if stack is not None and stack.format_status(inv.fmt, inv.layout) == "yes":
+        servable = True
     for dtype, tensors in quantized.items():
         if not servable:
             fails.append(f"{_describe(dtype, tensors)} in {inv.fmt}: {profile.name} cannot run {inv.fmt}")
@@ -410,19 +415,33 @@ def _counts(inv: Inventory) -> dict[str, dict[str, int]]:
     return counts
 
 
-def check_formats(inv: Inventory, profile: TargetProfile, ckpt_arg: str) -> CheckResult:
-    """FAIL when a stored dtype is one the target cannot compute in; WARN for fp32 on a bf16 target."""
-    fails, warns = _problems(inv, profile)
+def check_formats(inv: Inventory, profile: TargetProfile, ckpt_arg: str, stack: Stack | None = None,
+                  host_flags: Collection[str] = ()) -> CheckResult:
+    """FAIL when a stored dtype is one the target cannot compute in, or the stack (default: the profile's
+    first) does not run the checkpoint's format; WARN for fp32 on a bf16 target or an unverified format."""
+    from crosschip.check.engine import format_fix, format_problem
+
+    stack = stack or profile.stack()
+    fails, warns = _problems(inv, profile, stack)
+    chip_failed = bool(fails)
+    engine = format_problem(inv.fmt, inv.layout, profile, stack, host_flags)
+    if engine is not None:
+        (fails if engine[0] == "FAIL" else warns).append(engine[1])
     details = {"format": inv.fmt, "layout": inv.layout, "config_only": inv.config_only, "dtypes": _counts(inv),
-               "target_matmul_dtypes": list(profile.matmul_dtypes), "problems": fails + warns}
+               "target_matmul_dtypes": list(profile.matmul_dtypes), "stack": stack.name,
+               "stack_formats": list(stack.formats), "sources": stack.source_refs("formats"),
+               "problems": fails + warns}
     source = "sized from config.json" if inv.config_only else "from the safetensors headers"
     if fails:
-        return CheckResult("formats", "FAIL", "; ".join(fails), convert_fix(profile, ckpt_arg), details)
+        fix = (convert_fix(profile, ckpt_arg) if chip_failed
+               else format_fix(inv.fmt, inv.layout, profile, stack, ckpt_arg, host_flags))
+        return CheckResult("formats", "FAIL", "; ".join(fails), fix, details)
     if warns:
         out = shlex.quote(f"{ckpt_arg.rstrip('/')}-bf16")
-        fix = f"`crosschip convert {shlex.quote(ckpt_arg)} {out} --to bf16` halves the weight memory"
+        fix = (f"`crosschip convert {shlex.quote(ckpt_arg)} {out} --to bf16` halves the weight memory"
+               if engine is None else f"run a smoke test of {stack.name} on one {profile.name} device first")
         return CheckResult("formats", "WARN", "; ".join(warns), fix, details)
     stored = ", ".join(f"{d}: {c['tensors']} tensors" for d, c in sorted(details["dtypes"].items()))
     reason = (f"{inv.fmt} ({inv.layout}) checkpoint, {source} ({stored}); {profile.name} runs "
-              f"{', '.join(profile.matmul_dtypes)}")
+              f"{', '.join(profile.matmul_dtypes)}; {stack.name} runs {inv.fmt}")
     return CheckResult("formats", "PASS", reason, None, details)

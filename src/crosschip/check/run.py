@@ -36,11 +36,13 @@ REPORT_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "crosschip check report",
     "type": "object",
-    "required": ["schema_version", "checkpoint", "target", "devices", "batch", "context", "checks", "verdict"],
+    "required": ["schema_version", "checkpoint", "target", "stack", "devices", "batch", "context", "checks",
+                 "verdict"],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "checkpoint": {"type": "string"},
         "target": {"type": "string"},
+        "stack": {"type": "string"},
         "devices": {"type": "integer", "minimum": 1},
         "batch": {"type": "integer", "minimum": 1},
         "context": {"type": "integer", "minimum": 1},
@@ -76,6 +78,7 @@ class CheckReport:
 
     checkpoint: str
     target: str
+    stack: str  # the serving stack whose rules were applied
     devices: int
     batch: int
     context: int
@@ -98,6 +101,7 @@ class CheckReport:
             "schema_version": SCHEMA_VERSION,
             "checkpoint": self.checkpoint,
             "target": self.target,
+            "stack": self.stack,
             "devices": self.devices,
             "batch": self.batch,
             "context": self.context,
@@ -143,33 +147,42 @@ def run_check(
     context: int | None = None,
     scripts: Sequence[Path] = (),
     numerics: bool = True,
+    stack: str | None = None,
+    host_flags: Sequence[str] | None = None,
 ) -> CheckReport:
     """Run every check of CKPT (a checkpoint dir, or a dir with only config.json) on TARGET.
 
     `context` None: the config's max_position_embeddings, capped at memory.DEFAULT_CONTEXT_CAP.
     `numerics` False skips the CPU activation probe and weight audit (they read the weights); the
-    overflow-mode warning of a saturating target is reported either way.
+    overflow-mode warning of a saturating target is reported either way. `stack`: the serving stack
+    whose rules apply (None: the profile's first). `host_flags`: CPU ISA flags of the serving host for a
+    cpu target's format rules (None: this machine's, crosschip.devices.cpu_isa_flags).
     """
-    from crosschip.check import arch, formats, memory
+    from crosschip.check import arch, engine, formats, memory
     from crosschip.check import numerics as numerics_check
+    from crosschip.devices import cpu_isa_flags
     from crosschip.targets import load_target
 
     started = time.perf_counter()
     for name, value in (("devices", devices), ("batch", batch), ("context", context)):
         _positive(name, value)
     profile = load_target(target)
+    chosen = profile.stack(stack)  # an unknown --stack is a usage error before any file is read
+    flags = cpu_isa_flags() if host_flags is None else list(host_flags)
     inventory = formats.load_inventory(Path(ckpt))
     context = context or memory.default_context(inventory.config)
     checks = [
-        formats.check_formats(inventory, profile, str(ckpt)),
+        formats.check_formats(inventory, profile, str(ckpt), chosen, flags),
         memory.check_memory(inventory, profile, devices=devices, batch=batch, context=context),
-        arch.check_architecture(inventory.config, profile),
+        arch.check_architecture(inventory.config, profile, chosen),
     ]
+    checks += [row for row in (engine.check_attention(inventory.config, profile, chosen),
+                               engine.check_fp8_blocks(inventory, profile, chosen, devices, str(ckpt))) if row]
     checks += numerics_check.check_numerics(inventory, profile, probe=numerics, ckpt_arg=str(ckpt))
     findings: list[Any] = []
     if scripts:
         rows, findings = check_scripts(scripts)
         checks += rows
-    report = CheckReport(str(ckpt), profile.name, devices, batch, context, checks, findings=findings)
+    report = CheckReport(str(ckpt), profile.name, chosen.name, devices, batch, context, checks, findings=findings)
     report.elapsed_s = time.perf_counter() - started
     return report

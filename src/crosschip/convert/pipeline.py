@@ -59,6 +59,7 @@ class ConvertOptions:
     clamp: bool = False
     overwrite: bool = False
     shard_bytes: int = 4 * 2**30
+    forced: tuple[str, ...] = ()  # engine-rule violations written anyway (`crosschip convert --force`)
 
 
 @dataclass
@@ -257,6 +258,7 @@ def _record(src: Source, plan: layouts.Plan, opts: ConvertOptions, hashes: dict[
         "dtype": str(layouts.resolve_dtype(plan.fmt, opts.dtype)).removeprefix("torch."),
         "target": opts.target,
         "clamped_tensors": clamped,
+        "forced": list(opts.forced),
         "fp16_audit": {a.name: {"overflow": a.overflow, "underflow_to_zero": a.underflow_to_zero,
                                 "subnormal": a.subnormal} for a in audits if a.overflow or a.underflow_to_zero},
         "summary": _error_summary(errors),

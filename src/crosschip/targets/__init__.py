@@ -1,11 +1,12 @@
 """Target device profiles: what a chip can compute and serve, shipped as one TOML file per target.
 
 The profiles are data, not code, so a new accelerator is a new TOML file; each one cites its sources.
+Each lists its serving stacks as `[[stacks]]` tables (crosschip.targets.stacks): the formats and
+architectures each engine runs on that chip and its load rules, every rule with its sources.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import re
 from dataclasses import dataclass
@@ -15,6 +16,10 @@ from typing import Any
 
 from crosschip.devices import KINDS, PRECISIONS
 from crosschip.errors import CrosschipError
+from crosschip.targets.stacks import ANY_TRANSFORMERS_CAUSAL_LM, STACK_NAMES, Stack, parse_stacks
+
+__all__ = ["ANY_TRANSFORMERS_CAUSAL_LM", "DTYPES", "SERVING_FORMATS", "STACK_NAMES", "Source", "Stack",
+           "TargetProfile", "list_targets", "load_target", "load_target_file"]
 
 try:
     import tomllib
@@ -37,10 +42,6 @@ SERVING_FORMATS: dict[str, tuple[str, ...]] = {
     "int8-w8a8-dynamic": ("int8",),
 }
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
-# serving_architectures value meaning "every causal LM transformers' AutoModelForCausalLM loads"
-# (the cpu target, served by crosschip's own transformers-based runner).
-ANY_TRANSFORMERS_CAUSAL_LM = "any-transformers-causal-lm"
-_ARCH_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "name": str,
     "description": str,
@@ -51,17 +52,12 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "fp8_block_scaling": bool,
     "overflow_mode": str,
     "default_serving_format": str,
-    "serving_stacks": list,
     "sources": list,
+    "stacks": list,
 }
-# Optional fields (a user's own profile may leave them out): what the serving stacks load, by Hugging
-# Face `architectures` class name, where that list comes from and when it was checked.
-_OPTIONAL_FIELDS: dict[str, type] = {
-    "serving_architectures": list,
-    "serving_architectures_unverified": list,
-    "serving_architectures_source": str,
-    "serving_architectures_date": str,
-}
+# Fields of profiles before the per-stack tables: refused with the way to move them.
+_REPLACED_FIELDS = ("serving_stacks", "serving_architectures", "serving_architectures_unverified",
+                    "serving_architectures_source", "serving_architectures_date")
 
 
 @dataclass(frozen=True)
@@ -85,14 +81,23 @@ class TargetProfile:
     fp8_block_scaling: bool  # 128x128 block-scaled FP8 weights as in DeepSeek-V3
     overflow_mode: str  # "ieee" (inf/nan) or "saturation" (clamp to +-max)
     default_serving_format: str
-    serving_stacks: tuple[str, ...]
     sources: tuple[Source, ...]
-    # HF architecture classes the serving stacks document as supported on this chip.
-    serving_architectures: tuple[str, ...] = ()
-    # Supported by the same stack on sibling hardware, not documented on this chip: expect to test.
-    serving_architectures_unverified: tuple[str, ...] = ()
-    serving_architectures_source: str = ""  # URL of the list
-    serving_architectures_date: str = ""  # ISO date the list was checked
+    stacks: tuple[Stack, ...]  # serving stacks, the default first (crosschip.targets.stacks)
+
+    @property
+    def serving_stacks(self) -> tuple[str, ...]:
+        """Names of the serving stacks, the default first."""
+        return tuple(s.name for s in self.stacks)
+
+    def stack(self, name: str | None = None) -> Stack:
+        """A serving stack by name (None: the default); an unknown name is a usage error listing the stacks."""
+        if name is None:
+            return self.stacks[0]
+        for stack in self.stacks:
+            if stack.name == name:
+                return stack
+        raise CrosschipError(f"target {self.name} has no serving stack {name!r}",
+                             fix=f"use --stack {' or '.join(self.serving_stacks)}")
 
     def supports(self, dtype: str) -> bool:
         """Whether the target runs matmuls in ``dtype`` (one of DTYPES)."""
@@ -122,10 +127,7 @@ class TargetProfile:
             "default_serving_format": self.default_serving_format,
             "serving_stacks": list(self.serving_stacks),
             "sources": [{"title": s.title, "url": s.url} for s in self.sources],
-            "serving_architectures": list(self.serving_architectures),
-            "serving_architectures_unverified": list(self.serving_architectures_unverified),
-            "serving_architectures_source": self.serving_architectures_source,
-            "serving_architectures_date": self.serving_architectures_date,
+            "stacks": [s.to_dict() for s in self.stacks],
         }
 
 
@@ -147,9 +149,14 @@ def _fail(origin: str, field: str, problem: str, fix: str) -> CrosschipError:
 
 
 def _check_fields(raw: dict[str, Any], origin: str) -> None:
+    replaced = [f for f in _REPLACED_FIELDS if f in raw]
+    if replaced:
+        raise _fail(origin, replaced[0], "is replaced by [[stacks]] tables",
+                    "give each serving stack a [[stacks]] table: name, formats, architectures, sources")
     for field, expected in _FIELDS.items():
         if field not in raw:
-            raise _fail(origin, field, "is missing", f"add {field} to the target file")
+            how = "[[stacks]] tables (name, formats, sources)" if field == "stacks" else field
+            raise _fail(origin, field, "is missing", f"add {how} to the target file")
         value = raw[field]
         # bool is an int subclass: reject `memory_per_device_gib = true` explicitly
         wrong_bool = isinstance(value, bool) and expected is not bool
@@ -157,15 +164,9 @@ def _check_fields(raw: dict[str, Any], origin: str) -> None:
             raise _fail(
                 origin, field, f"has type {type(value).__name__}", f"make {field} a {_type_name(expected)}"
             )
-    for field, expected in _OPTIONAL_FIELDS.items():
-        if field in raw and not isinstance(raw[field], expected):
-            raise _fail(
-                origin, field, f"has type {type(raw[field]).__name__}", f"make {field} a {_type_name(expected)}"
-            )
-    unknown = sorted(set(raw) - set(_FIELDS) - set(_OPTIONAL_FIELDS))
+    unknown = sorted(set(raw) - set(_FIELDS))
     if unknown:
-        known = [*_FIELDS, *_OPTIONAL_FIELDS]
-        raise _fail(origin, unknown[0], "is not a known field", f"known fields: {', '.join(known)}")
+        raise _fail(origin, unknown[0], "is not a known field", f"known fields: {', '.join(_FIELDS)}")
 
 
 def _type_name(expected: type | tuple[type, ...]) -> str:
@@ -210,34 +211,6 @@ def _check_sources(raw: dict[str, Any], origin: str) -> tuple[Source, ...]:
     return tuple(sources)
 
 
-def _check_architectures(raw: dict[str, Any], origin: str) -> dict[str, Any]:
-    """The optional serving_architectures* fields, validated; a non-empty list needs its source and date."""
-    lists = {}
-    for field in ("serving_architectures", "serving_architectures_unverified"):
-        values = raw.get(field, [])
-        for value in values:
-            if not isinstance(value, str) or not (value == ANY_TRANSFORMERS_CAUSAL_LM or _ARCH_RE.match(value)):
-                fix = "list Hugging Face class names, e.g. LlamaForCausalLM"
-                raise _fail(origin, field, f"has a bad entry {value!r}", fix)
-        if len(set(values)) != len(values):
-            raise _fail(origin, field, "lists a value twice", f"remove the duplicate from {field}")
-        lists[field] = tuple(values)
-    both = set(lists["serving_architectures"]) & set(lists["serving_architectures_unverified"])
-    if both:
-        raise _fail(origin, "serving_architectures_unverified", f"repeats {sorted(both)[0]!r}", "list it only once")
-    source = raw.get("serving_architectures_source", "")
-    date = raw.get("serving_architectures_date", "")
-    if any(lists.values()):
-        if not re.match(r"^https?://\S+$", source):
-            raise _fail(origin, "serving_architectures_source", f"is {source!r}", "give the URL the list comes from")
-        try:
-            _dt.date.fromisoformat(date)
-        except ValueError as exc:
-            fix = "give the ISO date it was checked, e.g. 2026-11-29"
-            raise _fail(origin, "serving_architectures_date", f"is {date!r}", fix) from exc
-    return {**lists, "serving_architectures_source": source, "serving_architectures_date": date}
-
-
 def _check_memory(raw: dict[str, Any], device_type: str, origin: str) -> float:
     memory = float(raw["memory_per_device_gib"])
     if device_type == "cpu" and memory != 0:
@@ -263,11 +236,6 @@ def _check_consistency(profile: TargetProfile, origin: str) -> None:
             f"{profile.default_serving_format!r} is not runnable on this target (needs {needs})",
             "pick a format whose dtypes are in matmul_dtypes",
         )
-    if (
-        not all(isinstance(s, str) and s.strip() for s in profile.serving_stacks)
-        or not profile.serving_stacks
-    ):
-        raise _fail(origin, "serving_stacks", "must be a non-empty list of names", 'e.g. ["vllm", "sglang"]')
     if not profile.description:
         raise _fail(origin, "description", "is empty", "describe the target in one line")
     if not _NAME_RE.match(profile.name):
@@ -287,9 +255,8 @@ def _profile_from_dict(raw: dict[str, Any], origin: str) -> TargetProfile:
         fp8_block_scaling=raw["fp8_block_scaling"],
         overflow_mode=_check_choice(raw, "overflow_mode", OVERFLOW_MODES, origin),
         default_serving_format=_check_choice(raw, "default_serving_format", tuple(SERVING_FORMATS), origin),
-        serving_stacks=tuple(raw["serving_stacks"]),
         sources=_check_sources(raw, origin),
-        **_check_architectures(raw, origin),
+        stacks=parse_stacks(raw["stacks"], origin),
     )
     if not profile.matmul_dtypes:
         raise _fail(origin, "matmul_dtypes", "is empty", f"list dtypes from: {', '.join(DTYPES)}")
