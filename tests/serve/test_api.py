@@ -143,6 +143,36 @@ def test_echo_without_generation_and_add_special_tokens(client: TestClient, serv
     assert bare["usage"]["prompt_tokens"] == len(ids) - 1  # no BOS: the tokens the tokenizer gives without it
 
 
+def test_eos_is_returned_like_vllm(make_reference_engine: Callable[..., Any], ref_model: Any,
+                                   serve_tokenizer: Any) -> None:
+    """A sampled EOS ends the choice and is returned in logprobs (not in text), as vLLM does: lm-eval drops the
+    last echoed entry as the generated token, so a missing EOS entry would cost it a prompt token."""
+    import copy
+
+    eos = serve_tokenizer.eos_token_id
+    biased = copy.deepcopy(ref_model)  # every greedy token is EOS
+    head = biased.lm_head
+    biased.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.lm_head.weight.copy_(head.weight)
+        biased.lm_head.bias.zero_()
+        biased.lm_head.bias[eos] = 1e3
+    with TestClient(build_app(make_reference_engine(model=biased, model_name=MODEL), serve_tokenizer)) as c:
+        ids = prompt_ids(serve_tokenizer, PROMPT)
+        out = complete(c, max_tokens=1, echo=True, logprobs=1, return_tokens_as_token_ids=True)
+        choice, lp = out["choices"][0], out["choices"][0]["logprobs"]
+        assert choice["text"] == PROMPT and choice["finish_reason"] == "stop"
+        assert lp["tokens"] == [f"token_id:{t}" for t in [*ids, eos]] and lp["token_logprobs"][-1] > -1e-3
+        assert out["usage"]["completion_tokens"] == 1
+        # lm-eval's parse_logprobs: sum(token_logprobs[ctxlen:-1]) is the prompt's, the EOS entry dropped.
+        assert sum(lp["token_logprobs"][1:-1]) == pytest.approx(sum(lp["token_logprobs"][1 : len(ids)]))
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 3, "logprobs": True})
+        message = r.json()["choices"][0]
+        assert message["message"]["content"] == "" and message["finish_reason"] == "stop"
+        assert [e["token"] for e in message["logprobs"]["content"]] == [serve_tokenizer.eos_token]
+
+
 def test_chat_prompt_has_one_bos(client: TestClient, serve_tokenizer: Any) -> None:
     """The template renders BOS; the rendered text is encoded without special tokens, as HF and vLLM do."""
     messages = [{"role": "user", "content": "Say hello"}]
