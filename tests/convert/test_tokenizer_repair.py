@@ -9,8 +9,6 @@ them (a `train_config`), and converted with the real CLI or pipeline.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import pytest
 
 from crosschip import checkpoint
 from crosschip.convert.pipeline import ConvertOptions, convert
-from crosschip.data.tokenizer import adds_bos, load_tokenizer
+from crosschip.data.tokenizer import add_bos_to_saved, adds_bos, load_tokenizer
 from crosschip.serve.api import _load, bos_warning
 
 TEXT = "Return the value of the"
@@ -50,24 +48,30 @@ def _checkpoint(root: Path, model: Any, tokenizer: Any, provenance: dict[str, An
     return checkpoint.write_checkpoint(root, model, tokenizer, provenance=provenance)
 
 
-@pytest.fixture(params=sorted(OLD_POST_PROCESSORS))
-def old_trained(request: pytest.FixtureRequest, tiny_tokenizer: Any, make_model: Any, tmp_path: Path) -> Path:
+def _old_trained(tiny_tokenizer: Any, model: Any, root: Path, saved_by: str) -> Path:
     """A crosschip-trained checkpoint whose tokenizer does not add BOS (saved before the fix)."""
-    old = _old_tokenizer(tiny_tokenizer, tmp_path / "old-tok", OLD_POST_PROCESSORS[request.param])
-    return _checkpoint(tmp_path / "old", make_model("tiny"), old, TRAINED)
+    old = _old_tokenizer(tiny_tokenizer, root / "old-tok", OLD_POST_PROCESSORS[saved_by])
+    return _checkpoint(root / "old", model, old, TRAINED)
 
 
 def _files(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
 
 
-def test_convert_repairs_an_old_crosschip_tokenizer(old_trained: Path, tiny_tokenizer: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("saved_by", sorted(OLD_POST_PROCESSORS))
+def test_convert_repairs_an_old_crosschip_tokenizer(
+    saved_by: str, tiny_tokenizer: Any, make_model: Any, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from crosschip.cli import app
+
+    old_trained = _old_trained(tiny_tokenizer, make_model("tiny"), tmp_path, saved_by)
     before = _files(old_trained)
     out = tmp_path / "fixed"
-    proc = subprocess.run([sys.executable, "-m", "crosschip.cli", "convert", str(old_trained), str(out), "--to",
-                           "fp32"], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert "tokenizer repaired" in proc.stderr and "BOS" in proc.stderr
+    result = CliRunner().invoke(app, ["convert", str(old_trained), str(out), "--to", "fp32"])
+    assert result.exit_code == 0, result.output
+    assert "tokenizer repaired" in result.stderr and "BOS" in result.stderr
     assert _files(old_trained) == before, "SRC must never be written"
 
     from transformers import AutoTokenizer
@@ -99,11 +103,30 @@ def test_convert_leaves_third_party_and_current_tokenizers_untouched(
 
 
 def test_serve_warns_at_start_on_an_old_crosschip_checkpoint(
-    old_trained: Path, capsys: pytest.CaptureFixture[str]
+    tiny_tokenizer: Any, make_model: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    engine, tokenizer = _load(old_trained, "cpu", None, None, None, None, False)
+    old_trained = _old_trained(tiny_tokenizer, make_model("tiny"), tmp_path, "transformers-5")
+    capsys.readouterr()
+    _, tokenizer = _load(old_trained, "cpu", None, 1, 1, 64, False)  # a small KV cache: loads in a moment
     assert not adds_bos(tokenizer)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: ")
     assert "does not add BOS" in lines[0] and f"crosschip convert {old_trained} " in lines[0]
     assert "--to fp32" in lines[0]
+
+
+def test_a_post_processor_that_adds_other_tokens_is_left_alone(tiny_tokenizer: Any, tmp_path: Path) -> None:
+    """Two token-adding templates cannot be chained (`tokenizers` panics on pairs): no repair, nothing written."""
+    eos = {"SpecialToken": {"id": tiny_tokenizer.eos_token, "type_id": 0}}
+    adds_eos = {"type": "TemplateProcessing", "single": [_A, eos], "pair": [_A, _B, eos],
+                "special_tokens": {tiny_tokenizer.eos_token: {"id": tiny_tokenizer.eos_token,
+                                                              "ids": [tiny_tokenizer.eos_token_id],
+                                                              "tokens": [tiny_tokenizer.eos_token]}}}
+    directory = tmp_path / "tok"
+    tiny_tokenizer.save_pretrained(directory)
+    data = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    data["post_processor"] = adds_eos
+    (directory / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    before = _files(directory)
+    assert load_tokenizer(directory)(TEXT)["input_ids"][-1] == tiny_tokenizer.eos_token_id
+    assert add_bos_to_saved(directory) is False and _files(directory) == before

@@ -105,8 +105,9 @@ def needs_bos_repair(provenance: Mapping[str, Any], tokenizer: Any) -> bool:
     so text must be encoded after BOS to get the trained distribution. Tokenizers saved before
     crosschip's did so themselves need the repair `crosschip convert` makes (`add_bos_to_saved`).
     """
-    return "train_config" in provenance and getattr(tokenizer, "bos_token_id", None) is not None \
-        and not adds_bos(tokenizer)
+    if "train_config" not in provenance or getattr(tokenizer, "bos_token_id", None) is None:
+        return False
+    return not adds_bos(tokenizer)
 
 
 def _offset_steps(post_processor: dict[str, Any] | None) -> list[PostProcessor] | None:
