@@ -183,11 +183,15 @@ def test_unigram_entropy() -> None:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def test_tokenizer_round_trip_and_no_auto_bos(tok) -> None:
+def test_tokenizer_round_trip_and_adds_bos_as_training(tok) -> None:
     text = "Grüße, 世界! 🤖 the lazy dog\n\ttabs  and  spaces ünseen ✓"
     ids = tok(text)["input_ids"]
-    assert tok.decode(ids) == text
-    assert ids[0] != tok.bos_token_id and ids[-1] != tok.eos_token_id
+    # BOS first (the packer puts it before every document), never EOS; the text is lossless after it.
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1 and ids[-1] != tok.eos_token_id
+    assert ids[1:] == tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    pair = tok("the dog", "a fox")["input_ids"]  # two documents: each after its BOS
+    assert pair == tok("the dog")["input_ids"] + tok("a fox")["input_ids"]
     assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
     assert MIN_VOCAB_SIZE < len(tok) <= 400  # small corpora may run out of merges before the cap
     assert tok.model_max_length == 128
@@ -199,6 +203,14 @@ def test_tokenizer_loads_with_auto_tokenizer(tok, tok_dir: Path) -> None:
     auto = AutoTokenizer.from_pretrained(str(tok_dir))
     text = "the quick brown fox 🤖"
     assert auto(text)["input_ids"] == tok(text)["input_ids"]
+    assert auto(text).input_ids[0] == auto.bos_token_id  # what vLLM, lm-eval and HF users get
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is True and config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    # The raw `tokenizers` file adds BOS too (readers that skip transformers), with byte offsets intact.
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).encode(text)
+    assert raw.ids == auto(text).input_ids and raw.offsets[0] == (0, 0) and raw.offsets[1][0] == 0
     assert auto.bos_token == BOS_TOKEN and auto.eos_token == EOS_TOKEN
     assert tokenizer_fingerprint(auto) == tokenizer_fingerprint(tok) == tokenizer_fingerprint(tok_dir)
 
@@ -212,6 +224,10 @@ def test_chat_template(tok) -> None:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids[0] == tok.bos_token_id
     assert tok.convert_tokens_to_ids("<|assistant|>") in ids  # chat markers are single special tokens
+    # The template renders BOS itself; tokenize=True (like vLLM's chat path) adds no second one.
+    rendered = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert rendered["input_ids"] == ids and ids.count(tok.bos_token_id) == 1
+    assert tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2  # why chat text is encoded without specials
     with pytest.raises(jinja2.TemplateError):
         tok.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
 
@@ -261,6 +277,9 @@ def test_shards_pack_documents(tok, corpus: Path, tmp_path: Path) -> None:
     for split in (s.train, s.val):
         assert split[0] == tok.bos_token_id and split[-1] == tok.eos_token_id
     assert int((s.train == tok.bos_token_id).sum()) == meta["splits"]["train"]["documents"]
+    # Each packed document is exactly what the tokenizer gives at inference, plus EOS: one BOS, not two.
+    packed = [tok(d)["input_ids"] + [tok.eos_token_id] for i, d in enumerate(docs) if not is_val_document(i, 0, 0.2)]
+    assert np.asarray(s.train).tolist() == [t for doc in packed for t in doc]
     # The first train document decodes back to the first document that the split put in train.
     first_train = next(d for i, d in enumerate(docs) if not is_val_document(i, 0, 0.2))
     end = int(np.argmax(np.asarray(s.train) == tok.eos_token_id))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -248,3 +251,29 @@ def test_streamer_with_transformers_tokenizer(byte_bpe: Tokenizer) -> None:
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=byte_bpe, eos_token="<eos>")
     ids = hf_tok.encode("café 🎉 fox")
     assert "".join(stream_text(hf_tok, ids)) == hf_tok.decode(ids) == "café 🎉 fox"
+
+
+def test_generate_text_encodes_the_prompt_as_the_tokenizer_does(
+    make_checkpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`crosschip generate` feeds `tokenizer(prompt)`: BOS once (the tokenizer adds it, as training packed it)."""
+    import crosschip.generate as gen
+    from crosschip.checkpoint import load_model, load_tokenizer_if_present
+
+    ckpt = make_checkpoint("tiny", tmp_path / "ckpt")
+    tok = load_tokenizer_if_present(ckpt)
+    prompts: list[list[int]] = []
+    real = gen.generate
+
+    def recording(model: torch.nn.Module, input_ids: Any, *args: Any, **kwargs: Any) -> list[int]:
+        prompts.append([int(t) for t in input_ids])
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", recording)
+    text = gen.generate_text(ckpt, "Return the value", SamplingParams(max_new_tokens=6), "cpu")
+    ids = tok("Return the value")["input_ids"]
+    assert prompts == [ids] and ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    model, _ = load_model(ckpt)
+    expected = greedy_without_cache(model, torch.tensor([ids]), 6)
+    eos = expected.index(tok.eos_token_id) if tok.eos_token_id in expected else len(expected)
+    assert text == tok.decode(expected[:eos], skip_special_tokens=True)

@@ -62,7 +62,8 @@ def test_train_learns_and_checkpoint_loads_in_transformers(corpus: Path, tmp_pat
     hf = AutoModelForCausalLM.from_pretrained(result.checkpoint).eval()
     tok = AutoTokenizer.from_pretrained(result.checkpoint)
     ours, _ = load_model(result.checkpoint)
-    ids = torch.tensor([[tok.bos_token_id, *tok("Return the value of the")["input_ids"]]])
+    ids = torch.tensor([tok("Return the value of the")["input_ids"]])  # the tokenizer adds BOS, as training did
+    assert ids[0, 0] == tok.bos_token_id and int((ids == tok.bos_token_id).sum()) == 1
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, ours(ids).logits)
 
@@ -71,7 +72,7 @@ def test_train_learns_and_checkpoint_loads_in_transformers(corpus: Path, tmp_pat
     text = generate_text(tmp_path / "run", "Return the", SamplingParams(max_new_tokens=12), "cpu", pieces.append)
     assert text and "".join(pieces) == text
     expected = hf.generate(ids[:, :3], max_new_tokens=12, do_sample=False)[0, 3:].tolist()
-    assert tok("Return the")["input_ids"] == ids[0, 1:3].tolist()
+    assert tok("Return the")["input_ids"] == ids[0, :3].tolist()
     assert tok.decode(expected, skip_special_tokens=True) == text
 
 

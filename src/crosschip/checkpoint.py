@@ -332,8 +332,10 @@ def write_checkpoint(
         model_dir.mkdir(exist_ok=True)
         model.save_pretrained(model_dir, max_shard_size=shard_size)
         _ensure_index(model_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(model_dir)
+        if tokenizer is not None:  # tokenizer_config.json then says whether it adds BOS (transformers 5 drops it)
+            from crosschip.data.tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, model_dir)
         normalize_modes(model_dir)  # transformers writes 0600 shards; a hand-off must be readable by others
         summary = {
             "architecture": type(model).__name__,

@@ -168,6 +168,9 @@ def convert(
                   f"mean of per-tensor max rel {summary['mean_max_rel']:.3e}", highlight=False)
     if record["clamped_tensors"]:
         err.print(f"clamped to +-65504: {', '.join(record['clamped_tensors'])}", highlight=False)
+    if record.get("tokenizer_repaired"):
+        err.print("tokenizer repaired: it now adds BOS, as crosschip training did before every document",
+                  highlight=False)
     err.print(f"output: {dst}", highlight=False)
     return None
 

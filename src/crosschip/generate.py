@@ -277,9 +277,9 @@ def generate_text(
     if tokenizer is None:
         raise CrosschipError(f"checkpoint {ckpt} has no tokenizer files", "copy the tokenizer files into it")
     model, _ = load_model(ckpt, resolve_device(device))
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]  # training packs every document after BOS
+    # As the tokenizer encodes (crosschip's adds BOS, as every training document starts with it), so
+    # `generate` sees what vLLM and `transformers` users send.
+    prompt_ids = tokenizer(prompt)["input_ids"]
     streamer = TextStreamer(tokenizer, context_ids=prompt_ids)
     pieces: list[str] = []
 

@@ -156,16 +156,16 @@ class ReferenceEngine:
                 return
             row = rows[-1]
             token = int(sample_next(row[None], params, gen)[0]) if opts.temperature > 0 else int(row.argmax())
-            stop = token in opts.stop_token_ids
+            stop = token in opts.stop_token_ids  # returned like any token, then it ends the sequence
             last = stop or n == opts.max_tokens
-            lp = [_entry(row, token, opts.logprobs)] if opts.logprobs is not None and not stop else None
+            lp = [_entry(row, token, opts.logprobs)] if opts.logprobs is not None else None
             yield RequestOutput(
                 request.request_id,
-                [] if stop else [token],
+                [token],
                 lp,
                 prompt_lp if n == 1 else None,
                 len(request.prompt_ids),
-                n - 1 if stop else n,
+                n,
                 last,
                 ("stop" if stop else "length") if last else None,
             )
@@ -209,5 +209,5 @@ def ref_greedy(ref_model: Any, serve_tokenizer: Any) -> Callable[[list[int], int
 
 @pytest.fixture(scope="session")
 def make_reference_engine(ref_model: Any) -> Callable[..., ReferenceEngine]:
-    """`make_reference_engine(**overrides)`: a ReferenceEngine over the tiny checkpoint's model."""
-    return lambda **kw: ReferenceEngine(ref_model, kw.pop("model_name", "tiny-llama"), **kw)
+    """`make_reference_engine(**overrides)`: a ReferenceEngine over the tiny checkpoint's model (or `model=`)."""
+    return lambda **kw: ReferenceEngine(kw.pop("model", ref_model), kw.pop("model_name", "tiny-llama"), **kw)

@@ -62,7 +62,10 @@ def sse(client: TestClient, path: str, body: dict[str, Any]) -> list[dict[str, A
 
 
 def prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    """What the server must run for a text prompt: exactly `tokenizer(text)`, which starts with one BOS."""
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    return ids
 
 
 # ---------------------------------------------------------------- endpoints and shapes
@@ -105,19 +108,78 @@ def test_echo_prompt_logprobs_are_exact(client: TestClient, ref_logprobs: Any, s
     choice = out["choices"][0]
     lp = choice["logprobs"]
     ids = prompt_ids(serve_tokenizer, PROMPT)
-    echoed = len(ids) - 1  # the server-added BOS is context, not echoed text
+    echoed = len(ids)  # every scored token, BOS included
     generated = out["usage"]["completion_tokens"]
-    assert choice["text"].startswith(PROMPT)
+    assert out["usage"]["prompt_tokens"] == echoed and choice["text"].startswith(PROMPT)
     assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) == echoed + generated
-    assert "".join(lp["tokens"][:echoed]) == PROMPT
+    assert lp["tokens"][0] == serve_tokenizer.bos_token and "".join(lp["tokens"][1:echoed]) == PROMPT
+    # Nothing precedes the first token: null logprob and null top_logprobs, as OpenAI and vLLM answer.
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     rows = ref_logprobs(ids)
-    for i in range(echoed):
-        expected = float(rows[i, ids[i + 1]])  # token i+1 of the engine prompt, conditioned on BOS..i
+    for i in range(1, echoed):
+        expected = float(rows[i - 1, ids[i]])  # token i, conditioned on BOS..i-1
         assert lp["token_logprobs"][i] == pytest.approx(expected, abs=1e-4)
         top = lp["top_logprobs"][i]
-        assert 2 <= len(top) <= 3 and max(top.values()) == pytest.approx(float(rows[i].max()), abs=1e-4)
-    offsets = lp["text_offset"]
-    assert offsets == sorted(offsets) and offsets[0] == 0 and offsets[echoed] == len(PROMPT)
+        assert 2 <= len(top) <= 3 and max(top.values()) == pytest.approx(float(rows[i - 1].max()), abs=1e-4)
+    offsets = lp["text_offset"]  # index the returned text: BOS prints nothing, so it shares offset 0
+    assert offsets == sorted(offsets) and offsets[:2] == [0, 0] and offsets[echoed] == len(PROMPT)
+    assert all(choice["text"][o:].startswith(t) for o, t in zip(offsets[1:echoed], lp["tokens"][1:], strict=False))
+
+
+def test_echo_without_generation_and_add_special_tokens(client: TestClient, serve_tokenizer: Any) -> None:
+    """vLLM's scoring forms: `max_tokens: 0` with echo returns only the prompt; `add_special_tokens: false`."""
+    ids = prompt_ids(serve_tokenizer, PROMPT)
+    scored = complete(client, max_tokens=0, echo=True, logprobs=1)
+    choice = scored["choices"][0]
+    assert choice["text"] == PROMPT and choice["finish_reason"] == "length"
+    assert len(choice["logprobs"]["tokens"]) == len(ids) and choice["logprobs"]["token_logprobs"][0] is None
+    assert scored["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    with_one = complete(client, max_tokens=1, echo=True, logprobs=1)["choices"][0]["logprobs"]
+    assert with_one["token_logprobs"][: len(ids)] == choice["logprobs"]["token_logprobs"]
+    events = sse(client, "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 0, "echo": True})
+    assert "".join(c["text"] for e in events for c in e["choices"]) == PROMPT
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["length"]
+    bare = complete(client, max_tokens=0, echo=True, logprobs=0, add_special_tokens=False)
+    assert bare["usage"]["prompt_tokens"] == len(ids) - 1  # no BOS: the tokens the tokenizer gives without it
+
+
+def test_eos_is_returned_like_vllm(make_reference_engine: Callable[..., Any], ref_model: Any,
+                                   serve_tokenizer: Any) -> None:
+    """A sampled EOS ends the choice and is returned in logprobs (not in text), as vLLM does: lm-eval drops the
+    last echoed entry as the generated token, so a missing EOS entry would cost it a prompt token."""
+    import copy
+
+    eos = serve_tokenizer.eos_token_id
+    biased = copy.deepcopy(ref_model)  # every greedy token is EOS
+    head = biased.lm_head
+    biased.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.lm_head.weight.copy_(head.weight)
+        biased.lm_head.bias.zero_()
+        biased.lm_head.bias[eos] = 1e3
+    with TestClient(build_app(make_reference_engine(model=biased, model_name=MODEL), serve_tokenizer)) as c:
+        ids = prompt_ids(serve_tokenizer, PROMPT)
+        out = complete(c, max_tokens=1, echo=True, logprobs=1, return_tokens_as_token_ids=True)
+        choice, lp = out["choices"][0], out["choices"][0]["logprobs"]
+        assert choice["text"] == PROMPT and choice["finish_reason"] == "stop"
+        assert lp["tokens"] == [f"token_id:{t}" for t in [*ids, eos]] and lp["token_logprobs"][-1] > -1e-3
+        assert out["usage"]["completion_tokens"] == 1
+        # lm-eval's parse_logprobs: sum(token_logprobs[ctxlen:-1]) is the prompt's, the EOS entry dropped.
+        assert sum(lp["token_logprobs"][1:-1]) == pytest.approx(sum(lp["token_logprobs"][1 : len(ids)]))
+        r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                  "max_tokens": 3, "logprobs": True})
+        message = r.json()["choices"][0]
+        assert message["message"]["content"] == "" and message["finish_reason"] == "stop"
+        assert [e["token"] for e in message["logprobs"]["content"]] == [serve_tokenizer.eos_token]
+
+
+def test_chat_prompt_has_one_bos(client: TestClient, serve_tokenizer: Any) -> None:
+    """The template renders BOS; the rendered text is encoded without special tokens, as HF and vLLM do."""
+    messages = [{"role": "user", "content": "Say hello"}]
+    expected = serve_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True)["input_ids"]
+    assert expected.count(serve_tokenizer.bos_token_id) == 1
+    assert chat(client, max_tokens=1)["usage"]["prompt_tokens"] == len(expected)
 
 
 def test_generated_logprobs_are_exact(client: TestClient, ref_logprobs: Any, serve_tokenizer: Any) -> None:

@@ -161,7 +161,8 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch() -> None:
     assert top1 == greedy  # top_k=1 leaves only the argmax, whatever the temperature
 
 
-def test_stop_token_ends_the_request_and_is_not_returned() -> None:
+def test_stop_token_ends_the_request_and_is_returned() -> None:
+    """The stop token is the last returned token (as in vLLM's token_ids), with finish_reason "stop"."""
     engine = make_engine()
     ids = prompt(5, 6)
 
@@ -171,9 +172,9 @@ def test_stop_token_ends_the_request_and_is_not_returned() -> None:
         return free, await collect(engine, request("stop", ids, max_tokens=20, stop_token_ids=(stop, 12345)))
 
     free, outs = run(engine, main)
-    cut = free.index(free[5])
+    cut = free.index(free[5]) + 1
     assert tokens(outs) == free[:cut]
-    assert outs[-1].finished and outs[-1].finish_reason == "stop" and outs[-1].token_ids == []
+    assert outs[-1].finished and outs[-1].finish_reason == "stop" and outs[-1].token_ids == [free[5]]
     assert outs[-1].num_generated_tokens == cut and outs[0].time_to_first_token_s is not None
 
 

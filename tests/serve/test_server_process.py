@@ -80,7 +80,10 @@ def id_of(serve_tokenizer: Any) -> dict[str, int]:
 
 
 def prompt_ids(tokenizer: Any, text: str) -> list[int]:
-    return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    """What the server must run for a text prompt: exactly `tokenizer(text)`, which starts with one BOS."""
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    return ids
 
 
 # ---------------------------------------------------------------- behaviour through the openai client
@@ -110,13 +113,15 @@ def test_completion_echo_logprobs_equal_the_model(
     lp = out.choices[0].logprobs
     ids = prompt_ids(serve_tokenizer, PROMPT)
     tokens = [id_of[t] for t in lp.tokens]
-    assert tokens[: len(ids) - 1] == ids[1:], "echo returns the prompt's tokens (the added BOS is context)"
-    rows = ref_logprobs([ids[0], *tokens])
-    for i, token in enumerate(tokens):
-        assert lp.token_logprobs[i] == pytest.approx(float(rows[i, token]), abs=1e-4), i
-        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(rows[i].max()), abs=1e-4)
-    generated = tokens[len(ids) - 1 :]
+    assert tokens[: len(ids)] == ids, "echo returns every scored prompt token: tokenizer(text), BOS first"
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing precedes BOS
+    rows = ref_logprobs(tokens)
+    for i in range(1, len(tokens)):
+        assert lp.token_logprobs[i] == pytest.approx(float(rows[i - 1, tokens[i]]), abs=1e-4), i
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(rows[i - 1].max()), abs=1e-4)
+    generated = tokens[len(ids) :]
     assert out.usage.completion_tokens == len(generated) and out.choices[0].text.startswith(PROMPT)
+    assert out.usage.prompt_tokens == len(ids)
     for k, token in enumerate(generated):  # greedy: every sampled token is the row's argmax
         row = rows[len(ids) - 1 + k]
         assert float(row[token]) == pytest.approx(float(row.max()), abs=1e-4)

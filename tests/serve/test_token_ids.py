@@ -60,6 +60,21 @@ def test_completion_echo_ids_and_logprobs_are_exact(
             assert value == pytest.approx(float(rows[t - 1, token_id]), abs=1e-4)
 
 
+def test_text_prompt_echoes_exactly_the_tokenizer_ids(
+    client: TestClient, serve_tokenizer: Any, ref_logprobs: Callable[[list[int]], torch.Tensor]
+) -> None:
+    """A text prompt runs as `tokenizer(text)` (BOS first, as training packed every document), no more, no less."""
+    ids = serve_tokenizer(PROMPT)["input_ids"]
+    body = {"prompt": PROMPT, "echo": True, "logprobs": 1, "max_tokens": 1, "return_tokens_as_token_ids": True}
+    lp = _post(client, "/v1/completions", body)["choices"][0]["logprobs"]
+    got = [_id(t) for t in lp["tokens"]]
+    assert got[: len(ids)] == ids and ids[0] == serve_tokenizer.bos_token_id
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    rows = ref_logprobs(ids)
+    assert lp["token_logprobs"][1 : len(ids)] == pytest.approx([float(rows[t - 1, ids[t]]) for t in range(1, len(ids))],
+                                                              abs=1e-4)
+
+
 def test_completion_stream_and_default_rendering(client: TestClient, serve_tokenizer: Any) -> None:
     body = {"prompt": PROMPT, "logprobs": 2, "max_tokens": 5}
     plain = _post(client, "/v1/completions", body)["choices"][0]["logprobs"]

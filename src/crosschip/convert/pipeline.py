@@ -236,6 +236,19 @@ def _copy_side_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+def _repair_tokenizer(src: Source, out: Path) -> bool:
+    """Give a crosschip-trained checkpoint's BOS-less tokenizer (saved before crosschip's added BOS) the BOS
+    post-processor; True when the written tokenizer was changed. Any other tokenizer stays a plain copy."""
+    from crosschip.data.tokenizer import add_bos_to_saved, load_tokenizer, needs_bos_repair
+
+    provenance = (src.manifest or {}).get("provenance", {})
+    if "train_config" not in provenance or not (out / "tokenizer.json").is_file():
+        return False  # not crosschip-trained: nothing says which BOS its training used
+    if not needs_bos_repair(provenance, load_tokenizer(out)):
+        return False
+    return add_bos_to_saved(out)
+
+
 def _check_source_hashes(src: Source, hashes: dict[str, str]) -> None:
     recorded = (src.manifest or {}).get("files", {})
     for name, digest in hashes.items():
@@ -315,6 +328,7 @@ def convert(src_path: Path, dst: Path, opts: ConvertOptions, progress: Progress 
             atomic_write_json(tmp / fname, content)
         _copy_side_files(src.root, tmp)
         record = _record(src, plan, opts, hashes, errors, audits)
+        record["tokenizer_repaired"] = _repair_tokenizer(src, tmp)
         atomic_write_json(tmp / checkpoint.MANIFEST_NAME, _manifest(src, tmp, record, new_config, writer.sha256))
     return record
 

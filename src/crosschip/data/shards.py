@@ -2,7 +2,9 @@
 
 Layout of a cache entry ``cache_dir/<key>/``:
   * ``train.bin``, ``val.bin``  raw little-endian arrays of token ids (uint16 or uint32), each document
-    packed as BOS + ids + EOS and concatenated;
+    packed as BOS + ids + EOS and concatenated. The ids are encoded without special tokens, so BOS is
+    never doubled whatever the tokenizer adds; with crosschip's tokenizer a packed document is exactly
+    ``tokenizer(text)`` + EOS;
   * ``index.json``              dtype, per-split token/document counts, fingerprints, split settings.
 The key hashes the data fingerprint, tokenizer fingerprint, val_fraction, seed and format version, so
 any change to the inputs gets a new entry and an unchanged input is never tokenized twice. Entries are

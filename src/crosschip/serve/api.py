@@ -422,6 +422,9 @@ def _load(
             f"checkpoint {ckpt} has no tokenizer files",
             "copy the tokenizer files (tokenizer.json, tokenizer_config.json) into it",
         )
+    warning = bos_warning(ckpt, tokenizer)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     limits = {"max_batch": max_batch, "max_queue": max_queue, "max_context": max_context}
     try:
         engine = BatchEngine.from_checkpoint(
@@ -435,6 +438,28 @@ def _load(
         fix = "adjust --max-batch / --max-queue / --max-context"
         raise CrosschipError(f"cannot serve {ckpt}: {e}", fix) from e
     return engine, tokenizer
+
+
+def bos_warning(ckpt: Path, tokenizer: Any) -> str | None:
+    """One line when a crosschip-trained checkpoint's tokenizer does not add the BOS training used.
+
+    Text prompts are tokenized exactly as the tokenizer does (no server-side BOS), so such a checkpoint
+    scores text without the BOS every training document started with; `convert` writes a repaired copy.
+    """
+    from crosschip import checkpoint
+    from crosschip.data.tokenizer import needs_bos_repair
+
+    root = checkpoint.resolve_checkpoint_dir(ckpt)
+    manifest = checkpoint.read_manifest(root) or {}
+    if not needs_bos_repair(manifest.get("provenance", {}), tokenizer):
+        return None
+    fmt, layout = checkpoint.storage_format(checkpoint.open_checkpoint(root, verify=False))
+    layout_flag = "" if layout == "hf" else f" --layout {layout}"
+    return (
+        f"warning: the tokenizer of {root} does not add BOS, but crosschip training put BOS before every "
+        f"document, so text prompts get another distribution (fix: crosschip convert {root} {root}-bos "
+        f"--to {fmt}{layout_flag}, then serve the copy: its tokenizer adds BOS)"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -35,8 +35,7 @@ def _timeout() -> APIError:
 
 @dataclass(frozen=True)
 class Prompt:
-    ids: tuple[int, ...]  # what the engine sees (BOS included when the server added it)
-    echo_ids: tuple[int, ...]  # the tokens a client sees echoed: `ids` minus a server-added BOS
+    ids: tuple[int, ...]  # what the engine sees and `echo` returns: the tokenizer's ids (BOS when it adds one)
     text: str  # the echoed text
 
 

@@ -449,11 +449,12 @@ class BatchEngine:
             self._emit(seq, token, lps.get(i), out, outputs)
 
     def _emit(self, seq: _Sequence, token: int, logprob: Any, out: RequestOutput, outputs: list) -> None:
-        """Append a sampled token to seq's output (unless it stops it) and finish seq when it is done."""
-        if token in seq.stop_ids:
-            self._leave_batch(seq)
-            self._finish(seq, "stop", outputs, out)
-            return
+        """Append a sampled token to seq's output and finish seq when it is done.
+
+        A stop token (EOS) is returned too, then ends the sequence: vLLM's token_ids and logprobs carry it
+        (its text prints nothing), and scorers rely on that, e.g. lm-eval drops the last echoed entry as
+        the generated one (`parse_logprobs`: token_logprobs[ctxlen:-1]).
+        """
         seq.generated += 1
         out.token_ids, out.num_generated_tokens = [token], seq.generated
         out.logprobs = None if logprob is None else [logprob]
@@ -461,7 +462,10 @@ class BatchEngine:
             seq.first_token_sent = True
             out.time_to_first_token_s = time.monotonic() - seq.submitted
         # position + 1 > max_context: the pending token would have no cache position left.
-        if seq.generated >= seq.request.sampling.max_tokens or seq.position >= self.max_context:
+        if token in seq.stop_ids:
+            self._leave_batch(seq)
+            self._finish(seq, "stop", outputs, out)
+        elif seq.generated >= seq.request.sampling.max_tokens or seq.position >= self.max_context:
             self._leave_batch(seq)
             self._finish(seq, "length", outputs, out)
         else:

@@ -34,7 +34,7 @@ class SamplingOptions:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None  # per-request generator: the same seed gives the same sample, batched or not
-    stop_token_ids: tuple[int, ...] = ()  # e.g. EOS; the stop token is not returned
+    stop_token_ids: tuple[int, ...] = ()  # e.g. EOS; the stop token is returned (as vLLM does), then ends it
     logprobs: int | None = None  # None: off; K >= 0: logprob of each sampled token plus the top-K
     prompt_logprobs: int | None = None  # None: off; K >= 0: logprob of each prompt token (echo) plus top-K
 

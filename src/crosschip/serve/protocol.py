@@ -144,15 +144,22 @@ def token_id_string(token_id: int) -> str:
 PromptField = str | list[str] | list[int] | list[list[int]]
 
 
+# vLLM's extension, spelled the same, with its defaults: text prompts get the special tokens the tokenizer
+# adds (BOS), rendered chat text does not (its template already has them).
+AddSpecialField = Annotated[bool, Field(description="Let the tokenizer add its special tokens (vLLM extension).")]
+
+
 class CompletionRequest(SamplingFields):
     model: str
     prompt: PromptField
     best_of: Annotated[int | None, Field(ge=1)] = None
     echo: bool = False
     logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
-    max_tokens: Annotated[int | None, Field(ge=1)] = 16
+    # 0 only with echo: score the prompt, generate nothing (vLLM's `echo_without_generation`).
+    max_tokens: Annotated[int | None, Field(ge=0)] = 16
     suffix: str | None = None
     return_tokens_as_token_ids: TokenIdsField = False
+    add_special_tokens: AddSpecialField = True
 
 
 class CompletionLogprobs(OpenAIModel):
@@ -223,6 +230,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
     return_tokens_as_token_ids: TokenIdsField = False
+    add_special_tokens: AddSpecialField = False
 
 
 class TopLogprob(OpenAIModel):

@@ -162,6 +162,18 @@ class _ServingBase:
         return None
 
 
+def _echo_only(req: P.CompletionRequest) -> bool:
+    """`echo` with `max_tokens: 0`: return the scored prompt and nothing generated."""
+    return req.echo and req.max_tokens == 0
+
+
+def _usage(req: P.CompletionRequest, run: Run) -> P.UsageInfo:
+    usage = run.usage()
+    if _echo_only(req):  # the one decoded token is not returned, so it is not billed either
+        return P.UsageInfo(prompt_tokens=usage.prompt_tokens, total_tokens=usage.prompt_tokens)
+    return usage
+
+
 def _clamp(logprob: float) -> float:
     """JSON has no -inf; OpenAI uses -9999.0 for 'very unlikely'."""
     return logprob if logprob > -9999.0 else -9999.0
@@ -180,7 +192,7 @@ class OpenAIServingCompletion(_ServingBase):
     """POST /v1/completions: text or token-id prompts, echo with prompt logprobs, legacy logprobs."""
 
     async def create(self, req: P.CompletionRequest) -> P.CompletionResponse | AsyncIterator[BaseModel]:
-        prompts = self._prompts(req.prompt)
+        prompts = self._prompts(req.prompt, req.add_special_tokens)
         self.check_common(req, req.model, len(prompts))
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix", code="unsupported_parameter")
@@ -188,55 +200,63 @@ class OpenAIServingCompletion(_ServingBase):
             raise bad_request(
                 "best_of other than n is not supported", "best_of", code="unsupported_parameter"
             )
+        if req.max_tokens == 0 and not req.echo:
+            raise bad_request("max_tokens must be at least 1 (0 only with echo, to score the prompt)", "max_tokens")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         rid = _request_id("cmpl")
-        choices = self.make_choices(
-            req, prompts, rid, "prompt", req.logprobs, prompt_logprobs, req.max_tokens
-        )
+        # max_tokens 0: the engine still decodes one token (as vLLM does), which is not returned.
+        requested = 1 if _echo_only(req) else req.max_tokens
+        choices = self.make_choices(req, prompts, rid, "prompt", req.logprobs, prompt_logprobs, requested)
         run = self.new_run(choices, "prompt")
         streamed = await self.execute(req, run, rid)
         if streamed is not None:
             return streamed
         out = [
             P.CompletionChoice(
-                text=(c.prompt.text if req.echo else "") + c.tracker.text,
+                text=(c.prompt.text if req.echo else "") + ("" if _echo_only(req) else c.tracker.text),
                 index=c.index,
-                logprobs=self._logprobs(c, req.echo, req.logprobs, as_ids=req.return_tokens_as_token_ids),
-                finish_reason=c.finish_reason,
+                logprobs=self._logprobs(
+                    c, req.echo, req.logprobs, span=range(0) if _echo_only(req) else None,
+                    as_ids=req.return_tokens_as_token_ids,
+                ),
+                finish_reason="length" if _echo_only(req) else c.finish_reason,
             )
             for c in choices
         ]
-        return P.CompletionResponse(id=rid, model=self.config.model_name, choices=out, usage=run.usage())
+        return P.CompletionResponse(id=rid, model=self.config.model_name, choices=out, usage=_usage(req, run))
 
-    def _prompts(self, prompt: P.PromptField) -> list[Prompt]:
+    def _prompts(self, prompt: P.PromptField, add_special_tokens: bool) -> list[Prompt]:
         if isinstance(prompt, str):
-            return [self._text_prompt(prompt)]
+            return [self._text_prompt(prompt, add_special_tokens)]
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
         if all(isinstance(p, str) for p in prompt):
-            return [self._text_prompt(p) for p in prompt]  # type: ignore[arg-type]
+            return [self._text_prompt(p, add_special_tokens) for p in prompt]  # type: ignore[arg-type]
         if all(isinstance(p, int) for p in prompt):
             return [self._ids_prompt(prompt)]  # type: ignore[arg-type]
         return [self._ids_prompt(p) for p in prompt]  # type: ignore[arg-type]
 
-    def _text_prompt(self, text: str) -> Prompt:
+    def _text_prompt(self, text: str, add_special_tokens: bool) -> Prompt:
+        """Exactly `tokenizer(text)`, as vLLM and `transformers` users encode: BOS only if the tokenizer adds it.
+
+        crosschip's tokenizer adds the BOS that training put before every document (data/tokenizer.py);
+        `crosschip serve` warns at start when a crosschip-trained checkpoint's tokenizer does not.
+        """
         _check_utf8(text, "prompt")
-        ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        bos = self.tokenizer.bos_token_id
-        # Training packs every document after BOS (see data/tokenizer.py), so plain text continues from BOS.
-        full = ids if bos is None else (int(bos), *ids)
-        if not full:
+        ids = tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        if not ids:
             raise bad_request("prompt must not be empty", "prompt")
-        return Prompt(full, ids, text)
+        return Prompt(ids, text)
 
     def _ids_prompt(self, ids: Sequence[int]) -> Prompt:
+        """Token ids are taken as given: nothing is added, and echo returns exactly them."""
         if not ids:
             raise bad_request("a token-id prompt must not be empty", "prompt")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise bad_request(f"prompt token ids must be in [0, {self.vocab_size}); got {bad[0]}", "prompt")
         ids = tuple(int(t) for t in ids)
-        return Prompt(ids, ids, self.tokenizer.decode(list(ids), skip_special_tokens=True))
+        return Prompt(ids, self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def _top(self, entry: TokenLogprob, name: Callable[[int], str]) -> dict[str, float]:
         # OpenAI: the top-K plus the sampled token, so up to K + 1 entries.
@@ -258,11 +278,17 @@ class OpenAIServingCompletion(_ServingBase):
         lp.text_offset.append(offset)
 
     def _prompt_logprobs(self, c: Choice, lp: P.CompletionLogprobs, name: Callable[[int], str]) -> None:
+        """Every prompt token the engine scored, BOS included. The first has no logprob (nothing precedes
+        it): `null` logprob and top_logprobs, as OpenAI and vLLM (`_create_completion_logprobs`) answer.
+
+        Offsets index the echoed text: a special token that prints nothing (BOS) sits at the offset of the
+        token after it. (vLLM instead adds up token-string lengths, so after "<s>" its offsets point past
+        the text it returns.)
+        """
         entries = list(c.prompt_logprobs or [])
-        skip = len(c.prompt.ids) - len(c.prompt.echo_ids)  # a server-added BOS is not echoed
-        entries = entries[skip:] + [None] * (len(c.prompt.echo_ids) - len(entries[skip:]))
-        offsets, _ = token_offsets(self.tokenizer, c.prompt.echo_ids)
-        for token_id, entry, offset in zip(c.prompt.echo_ids, entries, offsets, strict=True):
+        entries += [None] * (len(c.prompt.ids) - len(entries))
+        offsets, _ = token_offsets(self.tokenizer, c.prompt.ids)
+        for token_id, entry, offset in zip(c.prompt.ids, entries, offsets, strict=True):
             self._add(lp, token_id, entry, offset, name)
 
     def _logprobs(
@@ -300,10 +326,14 @@ class OpenAIServingCompletion(_ServingBase):
                 lp = self._logprobs(c, True, req.logprobs, span=range(0), with_prompt=True, as_ids=as_ids)
                 yield chunk([P.CompletionChoice(text=c.prompt.text, index=c.index, logprobs=lp)])
         async for c, text, span, finish in run.deltas(touched):
+            if _echo_only(req):  # the decoded token is not returned; only the end of the choice is
+                if not finish:
+                    continue
+                text, span, finish = "", range(0), "length"
             lp = self._logprobs(c, req.echo, req.logprobs, span=span, with_prompt=False, as_ids=as_ids)
             yield chunk([P.CompletionChoice(text=text, index=c.index, logprobs=lp, finish_reason=finish)])
         if req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], run.usage())
+            yield chunk([], _usage(req, run))
 
 
 class OpenAIServingChat(_ServingBase):
@@ -315,7 +345,7 @@ class OpenAIServingChat(_ServingBase):
         self.check_common(req, req.model, 1)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        prompt = self._render(req.messages)
+        prompt = self._render(req.messages, req.add_special_tokens)
         k = (req.top_logprobs or 0) if req.logprobs else None
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         rid = _request_id("chatcmpl")
@@ -335,7 +365,7 @@ class OpenAIServingChat(_ServingBase):
         ]
         return P.ChatCompletionResponse(id=rid, model=self.config.model_name, choices=out, usage=run.usage())
 
-    def _render(self, messages: list[P.ChatMessage]) -> Prompt:
+    def _render(self, messages: list[P.ChatMessage], add_special_tokens: bool) -> Prompt:
         turns = []
         for i, m in enumerate(messages):
             text = m.text()
@@ -350,8 +380,10 @@ class OpenAIServingChat(_ServingBase):
             text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         except (TemplateError, ValueError, TypeError, KeyError) as e:  # e.g. the template's raise_exception
             raise bad_request(f"the messages do not fit this model's chat template: {e}", "messages") from e
-        ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return Prompt(ids, ids, text)
+        # The template renders BOS itself: encoding adds none by default (vLLM's add_special_tokens=False
+        # for chat, HF apply_chat_template(tokenize=True)), so BOS is not doubled.
+        ids = tuple(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return Prompt(ids, text)
 
     def _entry(self, token_id: int, logprob: float, name: Callable[[int], str]) -> P.TopLogprob:
         # `bytes` stays the token's real UTF-8 bytes also when `token` is rendered as "token_id:N".
