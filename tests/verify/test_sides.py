@@ -331,3 +331,13 @@ def test_endpoint_without_extensions_reports_unavailable(plain_url: str) -> None
     with pytest.raises(MetricUnavailable, match="return_tokens_as_token_ids") as err:
         side.greedy([1, 2, 3], max_new_tokens=1, top_n=1)
     assert err.value.metrics == ("greedy",) and "greedy" in side.info.unavailable
+
+
+def test_one_sided_verify_of_an_endpoint_without_extensions(plain_url: str, ckpt: Path) -> None:
+    from crosschip.verify.run import VerifyOptions, run_verify
+
+    report = run_verify(VerifyOptions(ref=ckpt, target=plain_url, max_new_tokens=2, seq_len=32, bootstrap=50))
+    assert report["two_sided"] is False and report["served"]["path"] is None and report["fidelity"] is None
+    assert report["noise_floor"]["gate_basis"] == "class"
+    assert report["tokenization"]["method"] == "skipped" and "echo" in report["tokenization"]["reason"]
+    assert report["verdict"] == "fail"  # nothing could be measured: never a pass

@@ -98,6 +98,12 @@ def adds_bos(tokenizer: Any) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def packed_with_bos(provenance: Mapping[str, Any]) -> bool:
+    """Whether a checkpoint was trained by `crosschip train` (its provenance, kept through convert, has a
+    `train_config`): its packer put BOS before every training document, whatever the tokenizer added."""
+    return isinstance(provenance, Mapping) and "train_config" in provenance
+
+
 def needs_bos_repair(provenance: Mapping[str, Any], tokenizer: Any) -> bool:
     """A crosschip-trained checkpoint (its provenance has a `train_config`) whose tokenizer does not add BOS.
 
@@ -105,7 +111,7 @@ def needs_bos_repair(provenance: Mapping[str, Any], tokenizer: Any) -> bool:
     so text must be encoded after BOS to get the trained distribution. Tokenizers saved before
     crosschip's did so themselves need the repair `crosschip convert` makes (`add_bos_to_saved`).
     """
-    if "train_config" not in provenance or getattr(tokenizer, "bos_token_id", None) is None:
+    if not packed_with_bos(provenance) or getattr(tokenizer, "bos_token_id", None) is None:
         return False
     return not adds_bos(tokenizer)
 

@@ -240,7 +240,8 @@ def _v1_router(
 
     @router.get("/models", response_model=P.ModelList)
     async def models() -> P.ModelList:
-        return P.ModelList(data=[P.ModelCard(id=config.model_name, max_model_len=config.max_context)])
+        return P.ModelList(data=[P.ModelCard(id=config.model_name, root=config.root,
+                                             max_model_len=config.max_context)])
 
     @router.post("/completions", response_model=P.CompletionResponse)
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
@@ -260,9 +261,14 @@ def build_app(
     api_key: str | None = None,
     request_timeout_s: float = DEFAULT_TIMEOUT_S,
     max_n: int = 16,
+    root: Path | None = None,
 ) -> FastAPI:
-    """The OpenAI-compatible app. Its lifespan starts the engine and, on shutdown, drains it."""
-    config = ServingConfig(model_name or engine.model_name, engine.max_context, request_timeout_s, max_n)
+    """The OpenAI-compatible app. Its lifespan starts the engine and, on shutdown, drains it.
+
+    root: the checkpoint directory, published as the model card's `root` (vLLM does the same with its
+    --model path), so `crosschip verify` can find the served checkpoint for a two-sided check."""
+    config = ServingConfig(model_name or engine.model_name, engine.max_context, request_timeout_s, max_n,
+                           str(Path(root).resolve()) if root is not None else None)
     metrics = ServerMetrics(engine.stats)
     state = {"ready": False}
 
@@ -398,7 +404,7 @@ def run_server(
     except BaseException:
         sock.close()
         raise
-    app = build_app(engine, tokenizer, api_key=api_key, request_timeout_s=request_timeout_s)
+    app = build_app(engine, tokenizer, api_key=api_key, request_timeout_s=request_timeout_s, root=Path(ckpt))
     serve_app(app, engine.model_name, drain_timeout_s=request_timeout_s, log_level=log_level, sock=sock)
 
 

@@ -302,6 +302,7 @@ class ModelCard(OpenAIModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "crosschip"
+    root: str | None = None  # the served checkpoint directory, as vLLM reports its --model path
     max_model_len: int | None = None
 
 

@@ -29,6 +29,7 @@ class ServingConfig:
     max_context: int
     request_timeout_s: float = 300.0
     max_n: int = 16  # choices per request (n x prompts); each is one engine sequence
+    root: str | None = None  # the checkpoint directory served (the model card's `root`, as in vLLM)
 
 
 def _request_id(prefix: str) -> str:

@@ -148,8 +148,8 @@ def load_prompts(path: Path | None) -> PromptSet:
 def encode_text(text: str, tokenizer: Any) -> list[int]:
     """Token ids of a text as the tokenizer encodes by default, starting with BOS when it has one.
 
-    crosschip's tokenizer never adds BOS itself, but training packs every document after BOS and
-    `crosschip serve` prepends it to text prompts; tokenizers that add BOS (Llama, DeepSeek) are unchanged.
+    Training packs every document after BOS, and crosschip's tokenizer adds it (as Llama's and DeepSeek's do);
+    a tokenizer saved before it did gets BOS here, so scoring sees the trained distribution either way.
     """
     ids = [int(t) for t in tokenizer(text)["input_ids"]]
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from crosschip import checkpoint
+from crosschip.data.tokenizer import packed_with_bos
 from crosschip.devices import precision_name
 from crosschip.errors import CrosschipError
 from crosschip.fsio import atomic_dir
@@ -37,7 +38,6 @@ from crosschip.verify.sides import CheckpointSide, SideSpec, open_side, parse_si
 from crosschip.verify.tokenization import (
     MAX_TEXTS,
     TokenizationResult,
-    bos_trained,
     check_endpoint,
     check_tokenizer,
 )
@@ -143,8 +143,8 @@ def _tokenizer(ref: Side, target: Side) -> Any:
 
 
 def _check_tokenization(prompts: PromptSet, ref: Side, target: Side, tokenizer: Any, log: Log) -> TokenizationResult:
-    manifest = getattr(getattr(ref, "checkpoint", None), "manifest", None)
-    trained = bos_trained(manifest)
+    manifest = getattr(getattr(ref, "checkpoint", None), "manifest", None) or {}
+    trained = packed_with_bos(manifest.get("provenance") or {})
     if target.info.kind == "endpoint":
         log(f"tokenization: sending {min(len(prompts.texts), MAX_TEXTS)} prompt texts as text")
         return check_endpoint(prompts.texts, tokenizer, target, trained)

@@ -130,9 +130,3 @@ def check_endpoint(texts: Sequence[str], ref_tokenizer: Any, endpoint: Any, bos_
         return compare_counts(texts, expected, [int(c) for _, c in echoed], ref_tokenizer)
     return TokenizationResult("skipped", 0, 0, "the endpoint echoes no token ids and reports no prompt token count")
 
-
-def bos_trained(manifest: dict[str, Any] | None) -> bool:
-    """Whether a checkpoint comes from `crosschip train` (directly or through convert), whose packer puts BOS
-    before every document: its provenance holds the training config and the data fingerprint."""
-    provenance = (manifest or {}).get("provenance") or {}
-    return isinstance(provenance, dict) and "train_config" in provenance and "data_fingerprint" in provenance
