@@ -12,9 +12,9 @@ conversions, written into a copy of a (converted) checkpoint the way a broken to
 - `no-bos`: the tokenizer no longer adds the BOS the model was trained with.
 
 `alternative` writes the opposite: a *correct* conversion by another method (per-channel INT8 scales with
-MSE-optimal clipping, as llm-compressor's MSE observer picks them; FP8 block scales rounded up to powers of
-two, as MX-style recipes do). It rounds to the same grid differently, so a gate measured against crosschip's
-own conversion must still pass it.
+error-minimizing clipping, as llm-compressor's MSE observer picks them: up to 20% shrink in 100 steps,
+|err|^2.4; FP8 block scales rounded up to powers of two, as MX-style recipes do). It rounds to the same grid
+differently, so a gate measured against crosschip's own conversion must still pass it.
 
 The copy gets a fresh crosschip.json (sha256 of every file), so only the content is wrong, as with a
 checkpoint another tool produced; the manifest records the planted fault for whoever inspects it.
@@ -38,7 +38,9 @@ from crosschip.fsio import atomic_write_json
 
 KINDS = ("scale", "zero-block", "swap-rows", "no-bos")
 ALTERNATIVES = ("int8-mse-clip", "fp8-pow2-scale")
-_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+# llm-compressor's MSE observer: shrink amax by up to 20% in 100 steps, keep the ratio minimizing sum |err|^2.4.
+_CLIP_RATIOS = tuple(1.0 - 0.2 * i / 100 for i in range(101))
+_CLIP_NORM = 2.4
 _SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")  # FP8 block scales, INT8 per-channel scales
 _BLOCK = 128
 
@@ -171,14 +173,14 @@ def plant(src: Path, dst: Path, fault: Fault) -> Path:
 
 
 def _int8_mse_clip(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row int8 with the clipping ratio (of amax) that minimizes the row's squared error."""
+    """Per-row int8 with the clipping ratio (of amax) that minimizes the row's |error|^2.4 (llm-compressor's rule)."""
     # w: [out, in] float32
     amax = w.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     best_err = torch.full_like(amax, float("inf"))
     best_scale = amax / 127
     for ratio in _CLIP_RATIOS:
         scale = (ratio * amax / 127).to(scale_dtype).float()
-        err = ((torch.round(w / scale).clamp(-127, 127) * scale - w) ** 2).sum(dim=1, keepdim=True)
+        err = (torch.round(w / scale).clamp(-127, 127) * scale - w).abs().pow(_CLIP_NORM).sum(dim=1, keepdim=True)
         better = err < best_err
         best_err, best_scale = torch.where(better, err, best_err), torch.where(better, scale, best_scale)
     q = torch.round(w / best_scale).clamp(-127, 127).to(torch.int8)
