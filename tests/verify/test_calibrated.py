@@ -123,3 +123,17 @@ def test_moe_reroutes_are_reported_per_layer(make_checkpoint: Callable[..., Path
     routing = report["routing"]
     assert routing and all({"layer", "tokens", "flipped", "golden_flipped"} <= set(r) for r in routing)
     assert checkpoint.read_manifest(fp16)["verifications"] == []
+
+
+def test_broken_router_fails_the_routing_gate_by_layer(make_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    # Isolated replays follow the reference's routing (a near-tie flip is not a layer's own error), so a broken
+    # router is invisible to them: the routing gate is what names it.
+    ref = make_checkpoint("deepseek-tiny", tmp_path / "ds")
+    fp16 = tmp_path / "ds-fp16"
+    convert(ref, fp16, resolve_options("fp16", None, None, None))
+    bad = plant(fp16, tmp_path / "ds-router", Fault("router", "swap-rows", "model.layers.1.mlp.gate"))
+    report = _verify(ref, bad)
+    gate = next(g for g in report["gates"] if g["name"] == "router_flips")
+    assert report["verdict"] == "fail" and gate["passed"] is False and "MoE layer 1" in gate["note"]
+    row = next(r for r in report["routing"] if r["layer"] == 1)
+    assert row["flipped"] > 0.05 and row["golden_flipped"] < 0.05
