@@ -7,8 +7,8 @@ converts the model with `crosschip convert`, then verifies against the trained c
   correct    the conversion itself, a correct conversion by another method (INT8 MSE-clipped scales, FP8
              power-of-two scales), and fp16 under `--emulate ascend-310p` (fp16 compute, saturation);
   faults     scale x1.1 / x1.5 / x3 in one layer's down_proj (a MoE layer's experts for DeepSeek), x1.1 and x3
-             in every layer's, one zeroed 128x128 block in one o_proj, two swapped rows in one up_proj (the
-             shared expert's for DeepSeek: a gate/up interleave bug), and a tokenizer that dropped BOS.
+             in every layer's, one zeroed 128x128 block in one o_proj, two swapped rows in one layer's up_proj
+             (every routed expert's for DeepSeek: a gate/up interleave bug), and a tokenizer that dropped BOS.
 It prints one row per case: the verdict with the measured gates (golden noise floor), what caught it, the
 first failing layer against the expected one, and what the old precision-class constants would have said
 (recomputed from the same figures). The figures go in the README's calibration table.
@@ -56,7 +56,8 @@ def cases(model: str, fmt: str, layers: int) -> list[Case]:
     """The correct conversions and the planted faults for one model and format."""
     mid = layers // 2
     down = f"model.layers.{mid}.mlp.experts.*.down_proj" if model == "deepseek" else f"model.layers.{mid}.mlp.down_proj"
-    up = f"model.layers.{mid}.mlp." + ("shared_experts.up_proj" if model == "deepseek" else "up_proj")
+    # A gate/up interleave bug hits every expert of a layer, not one: the routed experts' up_proj for DeepSeek.
+    up = f"model.layers.{mid}.mlp." + ("experts.*.up_proj" if model == "deepseek" else "up_proj")
     out = [Case("correct", True)]
     if fmt in ALTERNATIVE:
         out.append(Case(f"correct, {ALTERNATIVE[fmt]}", True, alternative=ALTERNATIVE[fmt]))
