@@ -34,7 +34,7 @@ from crosschip.convert.pipeline import convert, resolve_options
 from crosschip.errors import CrosschipError
 from crosschip.verify import gates as G
 from crosschip.verify.faults import Fault, alternative, plant
-from crosschip.verify.layer_stats import DEFAULT_MARGIN, gate_for
+from crosschip.verify.layer_stats import DEFAULT_MARGIN, GOLDEN_MARGIN, gate_for
 from crosschip.verify.run import VerifyOptions, run_verify
 
 FORMATS = ("int8-w8a8-dynamic", "fp8-block", "fp16")
@@ -182,7 +182,35 @@ def print_table(summary: dict[str, Any]) -> None:
         print(" | ".join(_fmt(v) for v in (r["model"], r["format"], r["case"], verdict, r["named"],
                                             r["expected_layer"], r["class_gates_verdict"].upper(), r["kl_mean"],
                                             r["golden_kl_mean"], r["top1"], r["golden_top1"], r["seconds"])))
-    print(f"\nall cases as expected: {summary['all_ok']}")
+    print(f"\nall cases as expected: {summary['all_ok']}\n")
+    print_matrix(summary)
+
+
+def print_matrix(summary: dict[str, Any]) -> None:
+    """The README's table: one row per case, one column per model and format; old = class-constant verdict."""
+    columns = list(dict.fromkeys((r["model"], r["format"]) for r in summary["rows"]))
+    short = {"int8-w8a8-dynamic": "W8A8", "fp8-block": "FP8", "fp16": "fp16"}
+    print("| case | " + " | ".join(f"{m} {short.get(f, f)}" for m, f in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for case in dict.fromkeys(r["case"] for r in summary["rows"]):
+        cells = []
+        for m, f in columns:
+            row = next((r for r in summary["rows"] if (r["model"], r["format"], r["case"]) == (m, f, case)), None)
+            if row is None:
+                cells.append("")
+                continue
+            cell = row["verdict"].upper() + (f" `{row['named']}`" if row["verdict"] == "fail" else "")
+            cell += "" if row["ok"] else " (WRONG)"
+            if row["class_gates_verdict"] != row["verdict"]:
+                cell += f" (old: {row['class_gates_verdict'].upper()})"
+            cells.append(cell)
+        print(f"| {case} | " + " | ".join(cells) + " |")
+    ratios = [r["max_layer_ratio"] for r in summary["rows"] if r["expected"] == "pass" and r["max_layer_ratio"]]
+    faults = [r["max_layer_ratio"] for r in summary["rows"]
+              if r["expected"] == "fail" and r["expected_layer"] != "tokenization" and r["max_layer_ratio"]]
+    if ratios and faults:
+        print(f"\nlargest layer error / golden's over the correct conversions: {max(ratios):.2f}; smallest over the "
+              f"weight faults: {min(faults):.2f} (gate: {GOLDEN_MARGIN:g})")
 
 
 def main() -> int:
