@@ -38,6 +38,7 @@ FORMATS = {
     "bf16": ["--to", "bf16"],
     "fp16": ["--to", "fp16"],
     "int8-w8a8-dynamic": ["--to", "int8-w8a8-dynamic", "--layout", "compressed-tensors"],
+    "int8-w8a16": ["--to", "int8-w8a16"],  # pack-quantized: vLLM's CPU build has no kernel for it
 }
 
 
@@ -134,7 +135,20 @@ def summary(engine: str) -> Iterator[list[dict[str, Any]]]:
 
 
 @pytest.fixture
-def verify_on_vllm(vllm_python: str, engine: str, trained_run: Path, summary: list[dict[str, Any]],
+def new_row(engine: str, summary: list[dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """Factory: a summary row for one served checkpoint, already in the session's summary (filled in later)."""
+
+    def make(fmt: str, ckpt: Path, expected: str, fault: str | None = None) -> dict[str, Any]:
+        row = {"format": fmt, "fault": fault, "engine": engine, "expected": expected, "checkpoint": ckpt.name,
+               "loads": None}
+        summary.append(row)
+        return row
+
+    return make
+
+
+@pytest.fixture
+def verify_on_vllm(vllm_python: str, trained_run: Path, new_row: Callable[..., dict[str, Any]],
                    tmp_path: Path) -> Callable[..., Verified]:
     """`verify_on_vllm(fmt, ckpt, expected, fault=None, while_serving=None)`: serve ckpt with vLLM, run
     `crosschip verify --ref TRAINED --target URL --json --report DIR` (the served checkpoint comes from the model
@@ -142,17 +156,16 @@ def verify_on_vllm(vllm_python: str, engine: str, trained_run: Path, summary: li
 
     def run(fmt: str, ckpt: Path, expected: str, fault: str | None = None,
             while_serving: Callable[[VllmServer], Any] | None = None) -> Verified:
-        row: dict[str, Any] = {"format": fmt, "fault": fault, "engine": engine, "expected": expected,
-                               "checkpoint": ckpt.name, "loads": None}
-        summary.append(row)
+        row = new_row(fmt, ckpt, expected, fault)
         try:
             with serve_vllm(vllm_python, ckpt, tmp_path / "vllm.log") as server:
-                row.update(loads=True, seconds_start=round(server.start_s, 1), kernels=server.kernels())
+                row.update(loads=True, seconds_start=round(server.start_s, 1), kernels=server.kernels(),
+                           **server.settings())
                 probe = while_serving(server) if while_serving is not None else None
                 proc = crosschip("verify", "--ref", trained_run, "--target", server.url, "--json",
                                  "--report", tmp_path / "report")
         except EngineDidNotStart as e:
-            row.update(loads=False, note=str(e).splitlines()[0])
+            row.update(loads=False, note=(e.cause or str(e)).splitlines()[0])
             pytest.fail(str(e))
         if proc.returncode not in (0, 1):
             row["note"] = f"verify exited {proc.returncode}"

@@ -11,11 +11,12 @@ import math
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faults import copy_checkpoint, drop_bos, scale_tensors
 from interop_summary import Verified
-from vllmkit import VllmServer
+from vllmkit import EngineDidNotStart, VllmServer, serve_vllm
 
 from crosschip import checkpoint
 
@@ -89,3 +90,16 @@ def test_tokenizer_without_bos_fails_on_vllm(converted: Callable[[str], Path], t
     assert result.probe != tok.bos_token_id, "the planted fault is not real: vLLM put BOS first anyway"
     assert result.row["verdict"] == "FAIL"
     assert "tokenization" in result.row["failed_gates"], result.row["failed_gates"]
+
+
+def test_w8a16_does_not_load_on_vllm_cpu(converted: Callable[[str], Path], vllm_python: str, tmp_path: Path,
+                                         new_row: Callable[..., dict[str, Any]]) -> None:
+    """vLLM's CPU WNA16 kernels take only uint4 weights (`choose_mp_linear_kernel`): an int8 W8A16 checkpoint
+    fails at load. Pinned here so the compatibility table's "no" is measured, and so a vLLM that gains the
+    kernel shows up as a failing test (then `check`'s engine rules need updating too)."""
+    ckpt = converted("int8-w8a16")
+    row = new_row("int8-w8a16", ckpt, expected="no load")
+    with pytest.raises(EngineDidNotStart) as info, serve_vllm(vllm_python, ckpt, tmp_path / "vllm.log"):
+        row["loads"] = True
+    row.update(loads=False, verdict="no load", note=info.value.cause.splitlines()[0].split("] ", 1)[-1])
+    assert "WNA16" in info.value.cause, info.value.cause

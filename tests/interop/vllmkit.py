@@ -37,10 +37,20 @@ MAX_MODEL_LEN = 512
 START_TIMEOUT_S = 420.0  # ~30-50 s alone; minutes when the 2 shared cores are busy
 STOP_TIMEOUT_S = 30.0
 KERNEL_LINE = re.compile(r"Selected (\w+) for (\w+)")  # vLLM logs the linear kernel each quant scheme gets
+DTYPE_LINE = re.compile(r"dtype=torch\.(\w+)")  # the engine config line: the dtype it computes in
+CORES_LINE = re.compile(r"core ids=\[([\d, ]*)\]")  # OpenMP binding (`ompmultiprocessing.py`): the worker's cores
+
+
+# An exception line in vLLM's log: at the start of a line, or after the "(Worker pid=N) ERROR ... [file:line] " prefix.
+EXCEPTION_LINE = re.compile(r"(?:^|\] )\w+(?:Error|Exception): ")
 
 
 class EngineDidNotStart(RuntimeError):
-    """The server exited or never answered /v1/models; the message ends with its log tail."""
+    """The server exited or never answered /v1/models; `cause` is the first exception vLLM logged."""
+
+    def __init__(self, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass
@@ -64,12 +74,38 @@ class VllmServer:
         text = self.log_path.read_text(errors="replace")
         return sorted({f"{k} for {scheme}" for k, scheme in KERNEL_LINE.findall(text)})
 
+    def settings(self) -> dict[str, Any]:
+        """What vLLM chose for itself, from its log: compute dtype and the CPU cores its worker is bound to."""
+        text = self.log_path.read_text(errors="replace")
+        dtype, cores = DTYPE_LINE.search(text), CORES_LINE.search(text)
+        return {"dtype": dtype.group(1) if dtype else None,
+                "worker_cores": [int(c) for c in cores.group(1).split(",") if c.strip()] if cores else None}
+
 
 def log_tail(path: Path, lines: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+def root_cause(path: Path, context: int = 4) -> str:
+    """The first exception vLLM logged (the engine process's, which the API server's traceback only points to),
+    with the `context` lines after it (a kernel-selection error lists each kernel's reason there)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for i, line in enumerate(lines):
+        if EXCEPTION_LINE.search(line):
+            return "\n".join(lines[i : i + 1 + context])
+    return ""
+
+
+def _did_not_start(what: str, log_path: Path) -> EngineDidNotStart:
+    cause = root_cause(log_path)
+    return EngineDidNotStart(f"{what}\nfirst exception in the log:\n{cause or '(none)'}\nlog tail:\n"
+                             f"{log_tail(log_path)}", cause)
 
 
 def free_port() -> int:
@@ -130,11 +166,9 @@ def serve_vllm(python: str, ckpt: Path, log_path: Path, extra_args: Sequence[str
         models = None
         while models is None:
             if proc.poll() is not None:
-                raise EngineDidNotStart(f"vLLM exited with code {proc.returncode} while loading {ckpt}:\n"
-                                        f"{log_tail(log_path)}")
+                raise _did_not_start(f"vLLM exited with code {proc.returncode} while loading {ckpt}", log_path)
             if time.monotonic() - started > START_TIMEOUT_S:
-                raise EngineDidNotStart(f"vLLM did not answer {url}/models within {START_TIMEOUT_S:.0f} s:\n"
-                                        f"{log_tail(log_path)}")
+                raise _did_not_start(f"vLLM did not answer {url}/models within {START_TIMEOUT_S:.0f} s", log_path)
             time.sleep(1.0)
             models = get_json(f"{url}/models")
         yield VllmServer(proc, url, models["data"][0]["id"], log_path, time.monotonic() - started)
