@@ -26,10 +26,13 @@ class Verified:
 
 
 def failed_gates(report: dict[str, Any]) -> list[str]:
-    """Names of the gates that failed; the fidelity side's gates (if it has its own) as `fidelity.<name>`."""
-    names = [g["name"] for g in report.get("gates") or [] if g.get("passed") is False]
-    fidelity = report.get("fidelity") or {}
-    names += [f"fidelity.{g['name']}" for g in fidelity.get("gates") or [] if g.get("passed") is False]
+    """The failed gates as `group.name` (conversion, served, fidelity, ...); a gate named as its group (tokenization)
+    by its name alone."""
+    names = []
+    for gate in report.get("gates") or []:
+        if gate.get("passed") is False:
+            group = gate.get("group")
+            names.append(gate["name"] if not group or group == gate["name"] else f"{group}.{gate['name']}")
     return names
 
 
@@ -67,15 +70,17 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary.get('engine', '?')} on this machine, {summary.get('created', '?')}",
         "",
-        "| format | planted fault | loads | verdict (expected) | KL vs original | KL vs crosschip's load | reason |",
-        "|---|---|---|---|---|---|---|",
+        "| format | planted fault | loads | computes in | verdict (expected) | KL vs original | KL vs crosschip's load "
+        "| reason |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary.get("rows", []):
         loads = {True: "yes", False: "**no**", None: "-"}[row.get("loads")]
         verdict = row.get("verdict") or "-"
         mark = "" if verdict == row["expected"] else " **unexpected**"
         lines.append(
-            f"| {row['format']} | {row.get('fault') or '-'} | {loads} | {verdict} ({row['expected']}){mark} "
+            f"| {row['format']} | {row.get('fault') or '-'} | {loads} | {row.get('dtype') or '-'} "
+            f"| {verdict} ({row['expected']}){mark} "
             f"| {_num(row.get('kl_vs_original'))} | {_num(row.get('kl_vs_crosschip_load'))} | {_reason(row)} |"
         )
     return "\n".join(lines)
