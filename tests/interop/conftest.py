@@ -28,8 +28,8 @@ VOCAB_SIZE = 512
 # head_dim 32 (128 / 4): vLLM's CPU attention rejects the `tiny` preset's 16 at the first request.
 # 2 layers, GQA (4 query / 2 KV heads), ~0.43M parameters.
 MODEL_SHAPE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
-# ~40 s of fp32 training on 2 cores: loss ~4.6 from ln(512) = 6.2, a peaked enough distribution for KL to mean
-# something, and enough that a 1.3x error in one projection moves top-1 predictions.
+# ~20 s of fp32 training on 2 cores (more when they are shared): loss 4.7 from ln(512) = 6.2, a peaked enough
+# distribution for KL to mean something, and enough that a 1.3x error in one projection moves top-1 predictions.
 TRAIN_ARGS = ["--steps", "100", "--batch-size", "8", "--seq-len", "128", "--lr", "3e-3", "--warmup-steps", "10",
               "--eval-every", "100", "--save-every", "100", "--log-every", "25", "--device", "cpu",
               "--precision", "fp32", "--seed", "0"]
