@@ -172,7 +172,7 @@ def verify_on_vllm(vllm_python: str, trained_run: Path, new_row: Callable[..., d
             pytest.fail(f"crosschip verify exited {proc.returncode} (2 = usage error):\n{proc.stderr[-3000:]}")
         report = json.loads(proc.stdout)
         row.update(report_row(report), report=str(tmp_path / "report"))
-        expected_rc = 0 if report_row(report)["verdict"] == "PASS" else 1
+        expected_rc = 0 if row["verdict"] == "PASS" else 1
         assert proc.returncode == expected_rc, f"verdict {report.get('verdict')} but exit code {proc.returncode}"
         return Verified(report, row, probe)
 

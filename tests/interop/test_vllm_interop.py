@@ -37,9 +37,12 @@ def _fidelity_kl(result: Verified) -> float:
 @pytest.mark.parametrize("fmt", ["bf16", "fp16", "int8-w8a8-dynamic"])
 def test_converted_checkpoint_passes_on_vllm(fmt: str, converted: Callable[[str], Path],
                                              verify_on_vllm: Callable[..., Verified]) -> None:
-    result = verify_on_vllm(fmt, converted(fmt), expected="PASS")
+    ckpt = converted(fmt)
+    result = verify_on_vllm(fmt, ckpt, expected="PASS")
     assert result.row["verdict"] == "PASS", f"{fmt} on vLLM: failed gates {result.row['failed_gates']}"
     assert result.row["failed_gates"] == []
+    served = result.report["served"]  # found through vLLM's model card (`root` is the --model path)
+    assert Path(served["path"]).resolve() == ckpt.resolve() and served["source"] == "the model card's root", served
     # Both sides of the two-sided check are measured: the conversion's loss as served, and the engine against
     # crosschip's own load of the same checkpoint.
     assert result.row["kl_vs_original"] is not None
