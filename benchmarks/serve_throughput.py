@@ -401,9 +401,10 @@ def vllm_part(args: argparse.Namespace, python: str, ckpt: Path, prompts: list[l
     from vllmkit import EngineDidNotStart, serve_vllm
 
     # The same batch cap as crosschip's --max-batch, the same compute dtype (crosschip serve's default is fp32),
-    # and the model name the client sends is the same too.
+    # the same model name in the requests, and no prefix cache (crosschip has none, and every round repeats the
+    # same prompts: vLLM would skip their prefill from the second round on).
     extra = ["--served-model-name", ckpt.name, "--max-num-seqs", str(args.max_batch), "--dtype", args.vllm_dtype,
-             *shlex.split(args.vllm_args)]
+             "--no-enable-prefix-caching", *shlex.split(args.vllm_args)]
     log(f"peer: vLLM CPU build ({python}), {'--enforce-eager' if args.vllm_eager else 'default (compiled)'}")
     rounds: dict[str, list[dict[str, Any]]] = {"vllm": [], "serve": []}
     try:
