@@ -1,4 +1,4 @@
-"""Serve throughput: crosschip serve under Poisson load against one-after-another `transformers` generate.
+"""Serve throughput: crosschip serve under Poisson load against one-after-another `transformers` generate and vLLM.
 
 In one run:
   serve     a real `python -m crosschip.serve.api CKPT --port 0 --max-batch 16` process, loaded with
@@ -7,7 +7,8 @@ In one run:
             and all at once under a 16-request concurrency cap ("inf")
   vllm      the peer engine: vLLM's CPU build (`python -m vllm.entrypoints.openai.api_server`, from the
             interpreter of `--vllm-python`, default .venv-vllm/bin/python from `make vllm-venv`) on the
-            same checkpoint, loaded by the same client with the same requests at 16 concurrent
+            same checkpoint in fp32, beside the idle crosschip server; the same client sends the same
+            16-concurrent load to each in alternating rounds, and the fastest round of each is compared
   baseline  the same model and the same prompt tokens served one after another in this process by
             `AutoModelForCausalLM.from_pretrained(ckpt).generate(ids, max_new_tokens=N,
             min_new_tokens=N, do_sample=False)`: what a user would otherwise script
