@@ -87,22 +87,31 @@ def print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, indent=2, sort_keys=False))
 
 
+def run_and_print(args: Any, produce: Callable[[], dict[str, Any]],
+                  print_table: Callable[[dict[str, Any]], None]) -> dict[str, Any] | None:
+    """Run `produce` and print its summary (--json or a table); None, after a one-line error, on bad input."""
+    try:
+        summary = produce()
+    except CrosschipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if args.json:
+        print_json(summary)
+    else:
+        print_table(summary)
+    return summary
+
+
 def run_benchmark(args: Any, run_all: Callable[[Any, Path], dict[str, Any]],
                   print_table: Callable[[dict[str, Any]], None]) -> int:
     """The shared main of the training benchmarks: threads, a kept or temporary workdir, table or --json."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    try:
+
+    def produce() -> dict[str, Any]:
         if args.workdir is not None:
-            summary = run_all(args, args.workdir)
-        else:
-            with tempfile.TemporaryDirectory(prefix="crosschip-bench-") as tmp:
-                summary = run_all(args, Path(tmp))
-    except CrosschipError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return CrosschipError.exit_code
-    if args.json:
-        print_json(summary)
-    else:
-        print_table(summary)
-    return 0
+            return run_all(args, args.workdir)
+        with tempfile.TemporaryDirectory(prefix="crosschip-bench-") as tmp:
+            return run_all(args, Path(tmp))
+
+    return 0 if run_and_print(args, produce, print_table) is not None else CrosschipError.exit_code

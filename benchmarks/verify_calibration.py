@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import log, machine, prepare_corpus, print_json
+from _common import log, machine, prepare_corpus, run_and_print
 from crosschip import checkpoint
 from crosschip.convert.pipeline import convert, resolve_options
 from crosschip.errors import CrosschipError
@@ -223,15 +223,9 @@ def main() -> int:
     parser.add_argument("--formats", type=lambda s: s.split(","), default=list(FORMATS))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    try:
-        summary = calibrate(args)
-    except CrosschipError as e:
-        print(f"error: {e}", file=sys.stderr)
+    summary = run_and_print(args, lambda: calibrate(args), print_table)
+    if summary is None:
         return CrosschipError.exit_code
-    if args.json:
-        print_json(summary)
-    else:
-        print_table(summary)
     (args.workdir / "calibration.json").write_text(json.dumps(summary, indent=1))
     return 0 if summary["all_ok"] else 1
 
