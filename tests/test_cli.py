@@ -126,6 +126,17 @@ def build_cases(root: Path, corpus: Path, make_checkpoint: Any) -> dict[str, Cas
     shard.write_bytes(bytes(data))
     cases[d.name] = Case(["generate", str(ckpt), "--prompt", "Hello", "--device", "cpu"], "sha256")
 
+    # A config.json that does not fit the weights (a hand-edited or mixed-up checkpoint): transformers raises or
+    # would leave weights random; every command that loads it says so in one line (issue 14).
+    for name, command in (("check-config-mismatch", ["check", "{ckpt}", "--target", "ascend-310p"]),
+                          ("serve-config-mismatch", ["serve", "{ckpt}", "--device", "cpu", "--port", "0"])):
+        d = scratch(name)
+        ckpt = make_checkpoint("tiny", d / "ckpt")
+        (ckpt / "crosschip.json").unlink()  # a plain HF checkpoint: no manifest sha256 catches the edit first
+        config = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] // 2}))
+        cases[d.name] = Case([a.replace("{ckpt}", str(ckpt)) for a in command], "does not fit LlamaForCausalLM")
+
     # A value that looks like console markup must print verbatim, not crash the error printer.
     cases[scratch("unknown-target").name] = Case(["targets", "nope[/x]:smile:"], "unknown target 'nope[/x]:smile:'")
     return cases
@@ -151,6 +162,7 @@ BAD_CASES = [
     "missing-data", "empty-data-dir", "bad-jsonl-line", "not-parquet", "unknown-device", "absent-device",
     pytest.param("fp16-on-cpu", marks=pytest.mark.skipif(CPU_TRAINS_FP16, reason="this CPU trains in fp16")),
     "unknown-preset", "existing-out", "generate-incomplete", "generate-sha256", "unknown-target",
+    "check-config-mismatch", "serve-config-mismatch",
 ]
 
 
@@ -192,3 +204,41 @@ def test_usage_errors_are_click_messages_not_tracebacks(args: list[str]) -> None
     run = run_cli(args)
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and ("Missing" in run.stderr or "No such option" in run.stderr), run.stderr
+
+
+def _failing_app(exc: BaseException) -> Any:
+    from crosschip.cli_common import make_app
+
+    app = make_app("t", "raises")
+
+    @app.command()
+    def boom() -> None:
+        raise exc
+
+    @app.command()
+    def other() -> None:  # two commands: typer then takes the command name, as crosschip does
+        pass
+
+    return app
+
+
+@pytest.mark.parametrize(("exc", "code", "expect"), [
+    (RuntimeError("kernel exploded\nsecond line"), 3, "internal error: RuntimeError: kernel exploded"),
+    (OSError(28, "No space left on device", "/data/out"), 2, "No space left on device: /data/out"),
+])
+def test_unexpected_exception_is_one_line(exc: BaseException, code: int, expect: str, monkeypatch: Any,
+                                          capfd: Any) -> None:
+    """An exception no stage anticipated still reaches the user as one line (exit 3, or 2 for the OS's errors);
+    CROSSCHIP_TRACEBACK=1 shows the traceback instead."""
+    from crosschip.cli_common import TRACEBACK_ENV, run_app
+
+    monkeypatch.setattr(sys, "argv", ["t", "boom"])
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        run_app(_failing_app(exc))
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert exited.value.code == code
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0] and "(fix: " in lines[0]
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(type(exc)):
+        run_app(_failing_app(exc))

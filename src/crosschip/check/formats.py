@@ -168,24 +168,35 @@ def header_tensors(root: Path) -> list[StoredTensor]:
     ]
 
 
-def _meta_model(root: Path) -> torch.nn.Module:
-    """The model of root/config.json with every parameter on the meta device (no memory, no init)."""
+def read_config(root: Path) -> Any:
+    """root/config.json as transformers' config class (quantization_config dropped: sizing and building only)."""
     from transformers import AutoConfig
 
-    from crosschip.models import model_class
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
     try:
         cfg = AutoConfig.from_pretrained(root, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise CrosschipError(f"{root}/config.json is not a config transformers knows ({e})",
                              "check a Hugging Face causal LM config") from e
     if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config  # sizing only: the plan below decides what is quantized
+        del cfg.quantization_config  # the plan decides what is quantized; no quantizer may touch the build
+    return cfg
+
+
+def meta_model(cfg: Any, attention: str | None = None) -> torch.nn.Module:
+    """The model of `cfg` with every parameter on the meta device (no memory, no init).
+
+    `attention` set: built with that attention implementation, so a class that refuses it raises here as
+    `from_pretrained` would (transformers checks it in `PreTrainedModel.__init__`).
+    """
+    from crosschip.models import model_class
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
     cls = model_class(cfg)
+    if attention is not None:
+        cfg._attn_implementation = attention
     # The class directly, not from_config: same modules, ~20x faster (no weight-init bookkeeping).
     with torch.device("meta"), no_init_weights():
         model = cls(cfg)
@@ -195,7 +206,7 @@ def _meta_model(root: Path) -> torch.nn.Module:
 
 def meta_shapes(root: Path) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor names and shapes of root/config.json's model, built on the meta device."""
-    model = _meta_model(root)
+    model = meta_model(read_config(root))
     stored = set(model.state_dict())  # persistent buffers (e.g. DeepSeek's e_score_correction_bias) are stored
     named = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in stored)]
     return checkpoint_shapes(named)

@@ -175,6 +175,7 @@ def run_check(
         formats.check_formats(inventory, profile, str(ckpt), chosen, flags),
         memory.check_memory(inventory, profile, devices=devices, batch=batch, context=context),
         arch.check_architecture(inventory.config, profile, chosen),
+        arch.check_loadable(inventory.root),
     ]
     checks += [row for row in (engine.check_attention(inventory.config, profile, chosen),
                                engine.check_fp8_blocks(inventory, profile, chosen, devices, str(ckpt))) if row]

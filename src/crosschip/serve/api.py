@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -418,8 +419,11 @@ def _load(
     compile: bool,
 ) -> tuple[Engine, Any]:
     """The BatchEngine and the checkpoint's tokenizer; bad settings become CrosschipErrors."""
-    from crosschip.checkpoint import load_tokenizer_if_present
-    from crosschip.devices import torch_dtype
+    import torch
+
+    from crosschip.checkpoint import load_model, load_tokenizer_if_present
+    from crosschip.devices import resolve_device, torch_dtype
+    from crosschip.models import attention_of
     from crosschip.serve.engine import BatchEngine
 
     tokenizer = load_tokenizer_if_present(ckpt)
@@ -432,17 +436,18 @@ def _load(
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
     limits = {"max_batch": max_batch, "max_queue": max_queue, "max_context": max_context}
+    target = resolve_device(device)
+    # Loaded before the engine is built: a checkpoint transformers cannot build is load_model's own one-line
+    # error, and only the engine's ValueErrors below are about the serving limits.
+    model, _ = load_model(ckpt, target, torch.float32 if dtype is None else torch_dtype(dtype))
     try:
-        engine = BatchEngine.from_checkpoint(
-            ckpt,
-            device=device,
-            dtype=None if dtype is None else torch_dtype(dtype),
-            compile=compile,
-            **{k: v for k, v in limits.items() if v is not None},
-        )
+        engine = BatchEngine(model, tokenizer, model_name=ckpt.resolve().name, device=target, compile=compile,
+                             **{k: v for k, v in limits.items() if v is not None})
     except ValueError as e:  # the engine's checks of max_batch / max_queue / max_context
         fix = "adjust --max-batch / --max-queue / --max-context"
         raise CrosschipError(f"cannot serve {ckpt}: {e}", fix) from e
+    print(f"loaded {type(model).__name__} on {target} ({str(model.dtype).removeprefix('torch.')}, attention "
+          f"{attention_of(model)}, runner {type(engine.runner).__name__})", file=sys.stderr, flush=True)
     return engine, tokenizer
 
 
@@ -507,6 +512,14 @@ def main(argv: list[str] | None = None) -> int:
     except CrosschipError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the same one line as every crosschip command (cli_common.run_app), no traceback
+        from crosschip.cli_common import TRACEBACK_ENV, unexpected_error
+
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        message, code = unexpected_error(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
     return 0
 
 
