@@ -447,7 +447,7 @@ def _load(
         fix = "adjust --max-batch / --max-queue / --max-context"
         raise CrosschipError(f"cannot serve {ckpt}: {e}", fix) from e
     print(f"loaded {type(model).__name__} on {target} ({str(model.dtype).removeprefix('torch.')}, attention "
-          f"{attention_of(model)}, runner {type(engine.runner).__name__})", file=sys.stderr, flush=True)
+          f"{attention_of(model)}, runner {type(engine.runner).__name__})", flush=True)  # stdout, as `serving ...`
     return engine, tokenizer
 
 
