@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,6 +42,57 @@ DEFAULT_TIMEOUT_S = 600.0
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": P.ErrorResponse} for code in (400, 401, 404, 429, 503, 504)
 }
+
+
+# With `stream: true` both completion endpoints answer server-sent events (`data: {json}` lines, then
+# `data: [DONE]`), as OpenAI and vLLM do; the schema says so beside the JSON body.
+_STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "one JSON chunk, or [DONE] at the end"}}}}},
+          "description": "The response, or with stream true its server-sent events"},
+}
+
+
+def _bound_integers(node: Any, maximum: int) -> None:
+    """Give every integer schema below `node` this maximum (in place)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = maximum
+        for child in node.values():
+            _bound_integers(child, maximum)
+    elif isinstance(node, list):
+        for child in node:
+            _bound_integers(child, maximum)
+
+
+def _server_limits(schema: dict[str, Any], config: ServingConfig, vocab_size: int) -> dict[str, Any]:
+    """FastAPI's schema narrowed to this server's limits, so that what it refuses the schema excludes too:
+    n up to --max-n choices, max_tokens within the context, token ids (prompts, logit_bias keys) in the vocabulary."""
+    comps = schema["components"]["schemas"]
+    _bound_integers(comps["CompletionRequest"]["properties"]["prompt"], vocab_size - 1)  # token-id prompts
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = comps[name]["properties"]
+        props["n"]["maximum"] = config.max_n
+        for key in ("max_tokens", "max_completion_tokens"):
+            for alt in props.get(key, {}).get("anyOf", []):
+                if alt.get("type") == "integer":
+                    alt["maximum"] = config.max_context
+        for alt in props["logit_bias"].get("anyOf", []):
+            if alt.get("type") == "object":
+                alt["propertyNames"] = {"pattern": P.decimal_below(vocab_size)}
+    return schema
+
+
+class PrometheusResponse(Response):
+    """What /metrics returns, so that /openapi.json documents Prometheus text rather than JSON."""
+
+    media_type = CONTENT_TYPE
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str
 
 
 def _error_response(exc: APIError) -> JSONResponse:
@@ -63,10 +115,12 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     if first.get("type") == "missing" and not loc:
         return _error(400, "the request body is empty; send a JSON object")
     # Union members add their type name to the path (prompt.str, prompt.list[int]); keep the field.
-    param = ".".join(p for p in loc if not (p[:1].isalpha() and ("[" in p or p in {"str", "int", "float"})))
-    message = (
-        f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-    )
+    param = ".".join(p for p in loc if not (p[:1].isalpha() and ("[" in p or p in {"str", "int", "float"}
+                                                                 or p.startswith("constrained-"))))
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "string_unicode":  # a lone surrogate (\ud800): no UTF-8 encodes it
+        msg = "not valid UTF-8 text (it holds a lone surrogate)"
+    message = f"{param}: {msg}" if param else msg
     extra = f" ({len(errors) - 1} more error(s))" if len(errors) > 1 else ""
     return _error(400, message + extra, param=param or None, code="invalid_value")
 
@@ -244,11 +298,11 @@ def _v1_router(
         return P.ModelList(data=[P.ModelCard(id=config.model_name, root=config.root,
                                              max_model_len=config.max_context)])
 
-    @router.post("/completions", response_model=P.CompletionResponse)
+    @router.post("/completions", response_model=P.CompletionResponse, responses=_STREAM_RESPONSE)
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         return _respond(await _cancel_on_disconnect(request, completion.create(body)))
 
-    @router.post("/chat/completions", response_model=P.ChatCompletionResponse)
+    @router.post("/chat/completions", response_model=P.ChatCompletionResponse, responses=_STREAM_RESPONSE)
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         return _respond(await _cancel_on_disconnect(request, chat.create(body)))
 
@@ -291,13 +345,23 @@ def build_app(
     chat = OpenAIServingChat(engine, tokenizer, config, metrics)
     app.include_router(_v1_router(engine, completion, chat, config, api_key))
 
-    @app.get("/health")
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = _server_limits(schema, config, completion.vocab_size)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": P.ErrorResponse}})
     async def health() -> Response:
         if not state["ready"]:
             return _error(503, "the engine is not running", code="not_ready", type_="server_error")
         return JSONResponse({"status": "ok", "model": config.model_name})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PrometheusResponse,
+             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format 0.0.4"}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
