@@ -228,7 +228,7 @@ def read_state_dict(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[
 
 def storage_format(ckpt: Checkpoint) -> tuple[str, str]:
     """(format, layout) a checkpoint is stored in, from config.json and any Ascend description."""
-    from crosschip.convert.layouts import QUANT_DESCRIPTION_NAME, detect_format
+    from crosschip.formats.layouts import QUANT_DESCRIPTION_NAME, detect_format
 
     config = json.loads((ckpt.path / "config.json").read_text())
     desc_path = ckpt.path / QUANT_DESCRIPTION_NAME
@@ -238,7 +238,7 @@ def storage_format(ckpt: Checkpoint) -> tuple[str, str]:
 
 def dequantized_state_dict(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every logical tensor in `dtype`, whatever format `convert` wrote (FP8 blocks, INT8 layouts)."""
-    from crosschip.convert.layouts import QUANTIZED_FORMATS, decode, group_names
+    from crosschip.formats.layouts import QUANTIZED_FORMATS, decode, group_names
 
     fmt, layout = storage_format(ckpt)
     stored = read_state_dict(ckpt)

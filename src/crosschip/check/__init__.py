@@ -16,6 +16,7 @@ runs them all and returns a `CheckReport` whose JSON form has a versioned schema
 
 from __future__ import annotations
 
-from crosschip.check.run import SCHEMA_VERSION, CheckReport, CheckResult, run_check
+from crosschip.check.result import CheckResult
+from crosschip.check.run import SCHEMA_VERSION, CheckReport, run_check
 
 __all__ = ["SCHEMA_VERSION", "CheckReport", "CheckResult", "run_check"]

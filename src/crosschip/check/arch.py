@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from crosschip.check.run import CheckResult
+from crosschip.check.result import CheckResult
 from crosschip.errors import CrosschipError
 from crosschip.targets import ANY_TRANSFORMERS_CAUSAL_LM, Stack, TargetProfile, list_targets, load_target
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from crosschip.check.run import CheckResult
-from crosschip.convert.layouts import stored_specs
-from crosschip.convert.policy import keep_fp32
+from crosschip.check.result import CheckResult
 from crosschip.errors import CrosschipError
+from crosschip.formats.layouts import stored_specs
+from crosschip.formats.policy import keep_fp32
 from crosschip.targets import SERVING_FORMATS, Stack, TargetProfile
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -102,7 +102,7 @@ class Inventory:
     def serving_tensors(self) -> list[StoredTensor]:
         """Tensors a server loads: all but DeepSeek multi-token-prediction layers (index >= num_hidden_layers),
         which vLLM loads only as a speculative-decoding draft model."""
-        from crosschip.convert.policy import is_mtp_layer
+        from crosschip.formats.policy import is_mtp_layer
 
         return [t for t in self.tensors if not is_mtp_layer(t.name, self.config)]
 
@@ -141,7 +141,7 @@ def load_inventory(path: Path) -> Inventory:
     if (path / "config.json").is_file() and not _has_weights(path):
         return config_inventory(path, _read_config(path))  # before importing crosschip.checkpoint: speed
     from crosschip.checkpoint import read_manifest, resolve_checkpoint_dir
-    from crosschip.convert.layouts import QUANT_DESCRIPTION_NAME, detect_format
+    from crosschip.formats.layouts import QUANT_DESCRIPTION_NAME, detect_format
 
     root = resolve_checkpoint_dir(path)
     config = _read_config(root)
@@ -346,7 +346,7 @@ def config_shapes(root: Path, config: dict[str, Any]) -> dict[str, tuple[int, ..
 
 def config_inventory(root: Path, config: dict[str, Any]) -> Inventory:
     """Tensors a checkpoint of this config stores in the config's format (convert's plan for that format)."""
-    from crosschip.convert import layouts
+    from crosschip.formats import layouts
 
     fmt, layout = layouts.detect_format(config)
     shapes = config_shapes(root, config)
