@@ -154,8 +154,34 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path, make_c
         futures["devices --json"] = pool.submit(run_cli, ["devices", "--json"])
         futures["targets --json"] = pool.submit(run_cli, ["targets", "--json"])
         futures["targets cpu --json"] = pool.submit(run_cli, ["targets", "cpu", "--json"])
+        futures["check piped"] = pool.submit(run_cli, piped_check_args(root, make_checkpoint))
         results = {name: f.result() for name, f in futures.items()}
     return {"cases": cases, "results": results}
+
+
+LONG_SCRIPT = "a/rather/long/directory/path/that/keeps/going/and/going/train_on_the_gpu_cluster.py"
+
+
+def piped_check_args(root: Path, make_checkpoint: Any) -> list[str]:
+    """`crosschip check` with a code finding whose path is longer than any terminal (output captured: no TTY)."""
+    (root / "piped").mkdir()
+    script = root / "piped" / "scripts" / LONG_SCRIPT
+    script.parent.mkdir(parents=True)
+    script.write_text("import torch\nx = torch.zeros(3).cuda()\n")
+    ckpt = make_checkpoint("tiny", root / "piped" / "ckpt")
+    return ["check", str(ckpt), "--target", "cpu", "--stack", "transformers", "--no-numerics", "--script",
+            str(root / "piped" / "scripts")]
+
+
+def test_piped_output_keeps_each_row_on_one_line(cli_runs: dict[str, Any]) -> None:
+    """Not a terminal (and COLUMNS=40): rows are printed at full width, so a path is whole on its line (grep)."""
+    run: Run = cli_runs["results"]["check piped"]
+    assert run.returncode == 1, run.stderr  # the finding fails the check
+    finding = [line for line in run.stdout.splitlines() if LONG_SCRIPT in line]
+    assert len(finding) == 1 and ":2: `.cuda()`" in finding[0] and "FAIL" in finding[0], run.stdout
+    verdict = [line for line in run.stdout.splitlines() if line.startswith("verdict: FAIL")]
+    assert len(verdict) == 1 and verdict[0].rstrip().endswith(" s)"), run.stdout  # the verdict line is unbroken
+    assert "\x1b[" not in run.stdout  # no colour codes in a file
 
 
 BAD_CASES = [

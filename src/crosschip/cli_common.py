@@ -13,8 +13,24 @@ from rich.text import Text
 
 from crosschip.errors import CrosschipError
 
-out = Console()
-err = Console(stderr=True)
+PIPE_WIDTH = 100_000  # columns when output is not a terminal: in effect, never wrap
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for people: the terminal's width on a terminal; piped or redirected, full-width lines.
+
+    rich otherwise renders for 80 columns when the stream is not a TTY, so tables wrap and split file paths across
+    lines, and `crosschip check ... > out.txt` or `| grep` find half a path. Not a TTY: one line per row, no
+    colour codes (rich's own detection), whatever COLUMNS says.
+    """
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
+
+
+out = make_console()
+err = make_console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 

@@ -294,7 +294,11 @@ def run_demo(
     if workdir.exists() and any(workdir.iterdir()) and not overwrite:
         raise CrosschipError(f"demo directory {workdir} already exists", "pass --overwrite or --workdir elsewhere")
     workdir.mkdir(parents=True, exist_ok=True)
-    ctx = DemoContext(workdir, console or Console(stderr=True), minutes, steps, overwrite)
+    if console is None:
+        from crosschip.cli_common import make_console
+
+        console = make_console(stderr=True)
+    ctx = DemoContext(workdir, console, minutes, steps, overwrite)
     t0 = time.perf_counter()
     for name, fn in STEPS:
         ctx.console.rule(f"[bold]{name}")
