@@ -54,36 +54,6 @@ _STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _bound_integers(node: Any, maximum: int) -> None:
-    """Give every integer schema below `node` this maximum (in place)."""
-    if isinstance(node, dict):
-        if node.get("type") == "integer":
-            node["maximum"] = maximum
-        for child in node.values():
-            _bound_integers(child, maximum)
-    elif isinstance(node, list):
-        for child in node:
-            _bound_integers(child, maximum)
-
-
-def _server_limits(schema: dict[str, Any], config: ServingConfig, vocab_size: int) -> dict[str, Any]:
-    """FastAPI's schema narrowed to this server's limits, so that what it refuses the schema excludes too:
-    n up to --max-n choices, max_tokens within the context, token ids (prompts, logit_bias keys) in the vocabulary."""
-    comps = schema["components"]["schemas"]
-    _bound_integers(comps["CompletionRequest"]["properties"]["prompt"], vocab_size - 1)  # token-id prompts
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
-        props = comps[name]["properties"]
-        props["n"]["maximum"] = config.max_n
-        for key in ("max_tokens", "max_completion_tokens"):
-            for alt in props.get(key, {}).get("anyOf", []):
-                if alt.get("type") == "integer":
-                    alt["maximum"] = config.max_context
-        for alt in props["logit_bias"].get("anyOf", []):
-            if alt.get("type") == "object":
-                alt["propertyNames"] = {"pattern": P.decimal_below(vocab_size)}
-    return schema
-
-
 class PrometheusResponse(Response):
     """What /metrics returns, so that /openapi.json documents Prometheus text rather than JSON."""
 
@@ -348,7 +318,7 @@ def build_app(
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            app.openapi_schema = _server_limits(schema, config, completion.vocab_size)
+            app.openapi_schema = P.narrow_schema(schema, config.max_n, config.max_context, completion.vocab_size)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

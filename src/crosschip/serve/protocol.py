@@ -178,6 +178,36 @@ def decimal_below(n: int) -> str:
     return "^(" + "|".join([*alts, top]) + ")$"
 
 
+def _bound_integers(node: Any, maximum: int) -> None:
+    """Give every integer schema below `node` this maximum (in place)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node["maximum"] = maximum
+        for child in node.values():
+            _bound_integers(child, maximum)
+    elif isinstance(node, list):
+        for child in node:
+            _bound_integers(child, maximum)
+
+
+def narrow_schema(schema: dict[str, Any], max_n: int, max_context: int, vocab_size: int) -> dict[str, Any]:
+    """The app's OpenAPI schema narrowed to one server's limits, so that what it refuses the schema excludes too:
+    n up to --max-n choices, max_tokens within the context, token ids (prompts, logit_bias keys) in the vocabulary."""
+    comps = schema["components"]["schemas"]
+    _bound_integers(comps["CompletionRequest"]["properties"]["prompt"], vocab_size - 1)  # token-id prompts
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = comps[name]["properties"]
+        props["n"]["maximum"] = max_n
+        for key in ("max_tokens", "max_completion_tokens"):
+            for alt in props.get(key, {}).get("anyOf", []):
+                if alt.get("type") == "integer":
+                    alt["maximum"] = max_context
+        for alt in props["logit_bias"].get("anyOf", []):
+            if alt.get("type") == "object":
+                alt["propertyNames"] = {"pattern": decimal_below(vocab_size)}
+    return schema
+
+
 def token_id_string(token_id: int) -> str:
     """A token as `return_tokens_as_token_ids` renders it."""
     return f"token_id:{token_id}"
