@@ -32,7 +32,7 @@ DEMO_PROMPT = "Return a new"
 QUALITY_BAR_NATS = 1.5  # validation loss at least this far below the corpus's unigram entropy
 # The step floor: the demo's config reaches the quality bar by then on a quiet machine or a busy one (a step is the
 # same work either way; see README "make demo" for the measured curve). Below it a run is not worth showing.
-DEMO_MIN_STEPS = 300
+DEMO_MIN_STEPS = 600
 EVAL_SAVE_OVERHEAD = 1.08  # evaluation and saves, on top of the optimizer steps
 SLOW_FACTOR = 1.25  # training this much longer than estimated means the machine was busier than calibrated
 
