@@ -249,7 +249,7 @@ def _gpu_fp8_matmul(x_q: torch.Tensor, x_s: torch.Tensor, w: torch.Tensor, w_s: 
 def check_fp8_block(ctx: Context) -> CheckResult:
     """crosschip's fp8-block weights through torch's fp8 GEMM on the device vs crosschip's CPU dequant."""
     from crosschip.checkpoint import open_checkpoint, read_state_dict
-    from crosschip.convert.quant import fp8_block_dequantize
+    from crosschip.formats.quant import fp8_block_dequantize
 
     name = "fp8_block"
     _, dst = _fp8_checkpoint(ctx)

@@ -126,6 +126,17 @@ def build_cases(root: Path, corpus: Path, make_checkpoint: Any) -> dict[str, Cas
     shard.write_bytes(bytes(data))
     cases[d.name] = Case(["generate", str(ckpt), "--prompt", "Hello", "--device", "cpu"], "sha256")
 
+    # A config.json that does not fit the weights (a hand-edited or mixed-up checkpoint): transformers raises or
+    # would leave weights random; every command that loads it says so in one line (issue 14).
+    for name, command in (("check-config-mismatch", ["check", "{ckpt}", "--target", "ascend-310p"]),
+                          ("serve-config-mismatch", ["serve", "{ckpt}", "--device", "cpu", "--port", "0"])):
+        d = scratch(name)
+        ckpt = make_checkpoint("tiny", d / "ckpt")
+        (ckpt / "crosschip.json").unlink()  # a plain HF checkpoint: no manifest sha256 catches the edit first
+        config = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] // 2}))
+        cases[d.name] = Case([a.replace("{ckpt}", str(ckpt)) for a in command], "does not fit LlamaForCausalLM")
+
     # A value that looks like console markup must print verbatim, not crash the error printer.
     cases[scratch("unknown-target").name] = Case(["targets", "nope[/x]:smile:"], "unknown target 'nope[/x]:smile:'")
     return cases
@@ -143,14 +154,41 @@ def cli_runs(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path, make_c
         futures["devices --json"] = pool.submit(run_cli, ["devices", "--json"])
         futures["targets --json"] = pool.submit(run_cli, ["targets", "--json"])
         futures["targets cpu --json"] = pool.submit(run_cli, ["targets", "cpu", "--json"])
+        futures["check piped"] = pool.submit(run_cli, piped_check_args(root, make_checkpoint))
         results = {name: f.result() for name, f in futures.items()}
     return {"cases": cases, "results": results}
+
+
+LONG_SCRIPT = "a/rather/long/directory/path/that/keeps/going/and/going/train_on_the_gpu_cluster.py"
+
+
+def piped_check_args(root: Path, make_checkpoint: Any) -> list[str]:
+    """`crosschip check` with a code finding whose path is longer than any terminal (output captured: no TTY)."""
+    (root / "piped").mkdir()
+    script = root / "piped" / "scripts" / LONG_SCRIPT
+    script.parent.mkdir(parents=True)
+    script.write_text("import torch\nx = torch.zeros(3).cuda()\n")
+    ckpt = make_checkpoint("tiny", root / "piped" / "ckpt")
+    return ["check", str(ckpt), "--target", "cpu", "--stack", "transformers", "--no-numerics", "--script",
+            str(root / "piped" / "scripts")]
+
+
+def test_piped_output_keeps_each_row_on_one_line(cli_runs: dict[str, Any]) -> None:
+    """Not a terminal (and COLUMNS=40): rows are printed at full width, so a path is whole on its line (grep)."""
+    run: Run = cli_runs["results"]["check piped"]
+    assert run.returncode == 1, run.stderr  # the finding fails the check
+    finding = [line for line in run.stdout.splitlines() if LONG_SCRIPT in line]
+    assert len(finding) == 1 and ":2: `.cuda()`" in finding[0] and "FAIL" in finding[0], run.stdout
+    verdict = [line for line in run.stdout.splitlines() if line.startswith("verdict: FAIL")]
+    assert len(verdict) == 1 and verdict[0].rstrip().endswith(" s)"), run.stdout  # the verdict line is unbroken
+    assert "\x1b[" not in run.stdout  # no colour codes in a file
 
 
 BAD_CASES = [
     "missing-data", "empty-data-dir", "bad-jsonl-line", "not-parquet", "unknown-device", "absent-device",
     pytest.param("fp16-on-cpu", marks=pytest.mark.skipif(CPU_TRAINS_FP16, reason="this CPU trains in fp16")),
     "unknown-preset", "existing-out", "generate-incomplete", "generate-sha256", "unknown-target",
+    "check-config-mismatch", "serve-config-mismatch",
 ]
 
 
@@ -192,3 +230,41 @@ def test_usage_errors_are_click_messages_not_tracebacks(args: list[str]) -> None
     run = run_cli(args)
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and ("Missing" in run.stderr or "No such option" in run.stderr), run.stderr
+
+
+def _failing_app(exc: BaseException) -> Any:
+    from crosschip.cli_common import make_app
+
+    app = make_app("t", "raises")
+
+    @app.command()
+    def boom() -> None:
+        raise exc
+
+    @app.command()
+    def other() -> None:  # two commands: typer then takes the command name, as crosschip does
+        pass
+
+    return app
+
+
+@pytest.mark.parametrize(("exc", "code", "expect"), [
+    (RuntimeError("kernel exploded\nsecond line"), 3, "internal error: RuntimeError: kernel exploded"),
+    (OSError(28, "No space left on device", "/data/out"), 2, "No space left on device: /data/out"),
+])
+def test_unexpected_exception_is_one_line(exc: BaseException, code: int, expect: str, monkeypatch: Any,
+                                          capfd: Any) -> None:
+    """An exception no stage anticipated still reaches the user as one line (exit 3, or 2 for the OS's errors);
+    CROSSCHIP_TRACEBACK=1 shows the traceback instead."""
+    from crosschip.cli_common import TRACEBACK_ENV, run_app
+
+    monkeypatch.setattr(sys, "argv", ["t", "boom"])
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        run_app(_failing_app(exc))
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert exited.value.code == code
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0] and "(fix: " in lines[0]
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(type(exc)):
+        run_app(_failing_app(exc))

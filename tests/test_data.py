@@ -342,6 +342,41 @@ def test_tiny_corpora(tok, tmp_path: Path) -> None:
         build_shards(two, tok, tmp_path / "cache", val_fraction=0.0)
 
 
+def test_single_txt_file_is_split_into_documents_on_blank_lines(tok, tmp_path: Path) -> None:
+    """`--data input.txt`: blank lines separate documents (issue 14); a directory keeps one document per file."""
+    paragraphs = _sentences(12, seed=5)
+    text = "\n\n".join(p.replace(" the ", "\nthe ", 1) for p in paragraphs) + "\n"  # lines inside, blank between
+    single = tmp_path / "input.txt"
+    single.write_text(text, encoding="utf-8")
+    docs = list(iter_documents(single))
+    assert docs == [p.replace(" the ", "\nthe ", 1) for p in paragraphs]
+    s = build_shards(single, tok, tmp_path / "cache", val_fraction=0.3)
+    meta = s.meta["splits"]
+    assert meta["train"]["documents"] + meta["val"]["documents"] == 12 and meta["val"]["documents"] > 0
+    assert s.meta["split_rule"] == "txt-paragraphs"
+    # The same bytes in a directory are one document: another cache entry, not the paragraphs' one.
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "input.txt").write_text(text, encoding="utf-8")
+    assert list(iter_documents(tmp_path / "dir")) == [text]
+    with pytest.raises(CrosschipError, match="at least 2 documents"):
+        build_shards(tmp_path / "dir", tok, tmp_path / "cache", val_fraction=0.3)
+
+
+def test_single_unbroken_txt_is_split_by_position_like_nanogpt(tok, tmp_path: Path) -> None:
+    lines = [s for s in _sentences(40, seed=7)]
+    single = tmp_path / "input.txt"
+    single.write_text("\n".join(lines) + "\n", encoding="utf-8")  # no blank line: one document
+    s = build_shards(single, tok, tmp_path / "cache", val_fraction=0.1)
+    meta = s.meta["splits"]
+    assert meta["train"]["documents"] == meta["val"]["documents"] == 1
+    val_share = meta["val"]["tokens"] / (meta["train"]["tokens"] + meta["val"]["tokens"])
+    assert 0.05 < val_share < 0.2  # the last ~10%, cut at a line break
+    train_text = tok.decode(np.asarray(s.train[1:-1]).tolist())
+    val_text = tok.decode(np.asarray(s.val[1:-1]).tolist())
+    assert train_text + val_text == single.read_text(encoding="utf-8").strip("\n")  # in order, nothing lost
+    assert train_text.endswith("\n") and val_text.startswith(lines[-len(val_text.splitlines())])
+
+
 # --------------------------------------------------------------------------- loader
 
 

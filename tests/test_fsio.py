@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,12 +15,14 @@ import pytest
 
 from crosschip.errors import CrosschipError
 from crosschip.fsio import (
+    HOST_TAG,
     atomic_dir,
     atomic_write_bytes,
     atomic_write_json,
     check_output_dir,
     default_mode,
     normalize_modes,
+    reclaim_stale,
 )
 
 
@@ -153,3 +158,67 @@ def test_normalize_modes(tmp_path: Path, umask_022: None) -> None:
     normalize_modes(tmp_path)
     assert mode(tmp_path / "a") == mode(tmp_path / "d" / "b") == 0o644
     assert default_mode() == 0o644 and default_mode(directory=True) == 0o755
+
+
+# ------------------------------------------------------------------ stale temporaries of killed processes
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from crosschip.fsio import atomic_dir, scratch_dir, temp_prefix
+root = Path(sys.argv[1])
+with atomic_dir(root / "out") as tmp, scratch_dir("scratch", parent=root):
+    (tmp / "half.bin").write_bytes(b"x" * 300_000)  # an output written in part
+    # a file writer's temporary, named as atomic_write_bytes names it, caught before its rename
+    (root / (temp_prefix(root / "f.json") + "abc123")).write_bytes(b"{")
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold_temporaries(root: Path) -> subprocess.Popen[str]:
+    """A real process in the middle of crosschip's atomic writers (it prints `ready`, then waits)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _temporaries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("."))
+
+
+def test_writers_reclaim_only_what_dead_processes_left(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """SIGKILL a writer mid-write; the next writer in that directory removes its temporaries and says so, while a
+    live writer's, another host's and untagged files stay."""
+    dead, live = _hold_temporaries(tmp_path), _hold_temporaries(tmp_path)
+    dead.send_signal(signal.SIGKILL)
+    dead.wait()
+    dead_names = [n for n in _temporaries(tmp_path) if f"-{dead.pid}-" in n]
+    live_names = [n for n in _temporaries(tmp_path) if f"-{live.pid}-" in n]
+    assert len(dead_names) == len(live_names) == 3  # .out.tmp- dir, .scratch.tmp- dir, .f.json.tmp- file
+    other_host = f".x.tmp-{'0' * 8 if HOST_TAG != '0' * 8 else '1' * 8}-{dead.pid}-abc"
+    for keep in (other_host, ".y.tmp-jvzb2b0k"):  # another machine's (shared disk); an untagged one
+        (tmp_path / keep).mkdir()
+    try:
+        atomic_write_json(tmp_path / "report.json", {"ok": True})
+        assert _temporaries(tmp_path) == sorted([*live_names, other_host, ".y.tmp-jvzb2b0k"])
+        lines = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("removed stale temporary")]
+        assert sorted(Path(ln.split()[3]).name for ln in lines) == sorted(dead_names)
+        assert all(f"left by process {dead.pid}, which is gone" in ln for ln in lines)
+        assert any("(0.3 MiB)" in ln for ln in lines)  # the size of what was reclaimed
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_reused_pid_does_not_protect_a_stale_temporary(tmp_path: Path) -> None:
+    """The temporary's pid is running, but that process started after the temporary was last written."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = tmp_path / f".ckpt.tmp-{HOST_TAG}-{proc.pid}-abc"
+        stale.mkdir()
+        os.utime(stale, (1_000_000_000, 1_000_000_000))  # written in 2001, long before that process started
+        assert reclaim_stale(tmp_path) == [stale] and not stale.exists()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -168,7 +168,7 @@ def test_unknown_target_lists_known_ones() -> None:
 
 
 def test_constants_are_consistent() -> None:
-    from crosschip.convert.layouts import LAYOUTS
+    from crosschip.formats.layouts import LAYOUTS
 
     for needed in SERVING_FORMATS.values():
         assert set(needed) <= set(DTYPES)

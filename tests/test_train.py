@@ -76,6 +76,15 @@ def test_train_learns_and_checkpoint_loads_in_transformers(corpus: Path, tmp_pat
     assert tok.decode(expected, skip_special_tokens=True) == text
 
 
+def test_trains_on_one_unbroken_txt_file(corpus: Path, tmp_path: Path) -> None:
+    """The nanoGPT habit, `--data input.txt` with one text and no blank lines: split by position, and it trains."""
+    text = "\n".join(json.loads(line)["text"].replace("\n\n", "\n") for line in corpus.read_text().splitlines())
+    single = tmp_path / "input.txt"
+    single.write_text(text[:60_000], encoding="utf-8")
+    result = train(small_cfg(single, tmp_path / "run", steps=4, warmup_steps=1, eval_every=4), NullReporter())
+    assert result.steps == 4 and result.val_loss is not None
+
+
 def test_resume_in_process_is_bit_identical(corpus: Path, tmp_path: Path) -> None:
     full = train(small_cfg(corpus, tmp_path / "full", steps=20), NullReporter())
     train(small_cfg(corpus, tmp_path / "part", steps=20, time_budget_s=0.0), NullReporter())  # stops after 1 step

@@ -228,7 +228,7 @@ def read_state_dict(ckpt: Checkpoint, dtype: torch.dtype | None = None) -> dict[
 
 def storage_format(ckpt: Checkpoint) -> tuple[str, str]:
     """(format, layout) a checkpoint is stored in, from config.json and any Ascend description."""
-    from crosschip.convert.layouts import QUANT_DESCRIPTION_NAME, detect_format
+    from crosschip.formats.layouts import QUANT_DESCRIPTION_NAME, detect_format
 
     config = json.loads((ckpt.path / "config.json").read_text())
     desc_path = ckpt.path / QUANT_DESCRIPTION_NAME
@@ -238,7 +238,7 @@ def storage_format(ckpt: Checkpoint) -> tuple[str, str]:
 
 def dequantized_state_dict(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every logical tensor in `dtype`, whatever format `convert` wrote (FP8 blocks, INT8 layouts)."""
-    from crosschip.convert.layouts import QUANTIZED_FORMATS, decode, group_names
+    from crosschip.formats.layouts import QUANTIZED_FORMATS, decode, group_names
 
     fmt, layout = storage_format(ckpt)
     stored = read_state_dict(ckpt)
@@ -253,8 +253,12 @@ def dequantized_state_dict(ckpt: Checkpoint, dtype: torch.dtype) -> dict[str, to
 def load_model(
     path: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, verify: bool = True
 ) -> tuple[PreTrainedModel, Checkpoint]:
-    """crosschip's loader: validate, read safetensors, dequantize any convert format, build in eval mode."""
-    from crosschip.models import model_class
+    """crosschip's loader: validate, read safetensors, dequantize any convert format, build in eval mode.
+
+    Attention is sdpa where the class supports it and eager where it does not (`models.attention_for`);
+    `models.attention_of(model)` says which one was built, for reports.
+    """
+    from crosschip.models import attention_for, model_class
 
     ckpt = open_checkpoint(path, verify=verify)
     state = dequantized_state_dict(ckpt, dtype)
@@ -262,7 +266,28 @@ def load_model(
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are dequantized here: no quantizer must touch them
     cls = model_class(config)
-    model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype, attn_implementation="sdpa")
+    fix = "check that config.json matches the weights, or use a transformers release that has this architecture"
+    verbosity = transformers.utils.logging.get_verbosity()
+    # transformers logs a multi-line load report before it raises; crosschip reports the problem in one line.
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                          attn_implementation=attention_for(config), output_loading_info=True,
+                                          ignore_mismatched_sizes=True)  # reported below, by name
+    except (ValueError, ImportError, NotImplementedError, RuntimeError) as e:
+        # transformers' refusals (an attention backend, a config it cannot build, a shape mismatch) are ValueError
+        # or RuntimeError; they describe this checkpoint, so they are the user's one-line error, not a traceback.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CrosschipError(
+            f"transformers {transformers.__version__} cannot build {cls.__name__} from {ckpt.path}: {first}", fix
+        ) from e
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    # A weight the checkpoint lacks would be left randomly initialised: never serve or verify that.
+    missing = sorted(set(info.get("missing_keys") or ()) | {str(m[0]) for m in info.get("mismatched_keys") or ()})
+    if missing:
+        raise CrosschipError(f"checkpoint {ckpt.path} does not fit {cls.__name__}: {len(missing)} weights are "
+                             f"missing or of another shape, e.g. {missing[0]}", fix)
     return model.to(device).eval(), ckpt
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Annotated, Any
 
@@ -12,8 +13,24 @@ from rich.text import Text
 
 from crosschip.errors import CrosschipError
 
-out = Console()
-err = Console(stderr=True)
+PIPE_WIDTH = 100_000  # columns when output is not a terminal: in effect, never wrap
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for people: the terminal's width on a terminal; piped or redirected, full-width lines.
+
+    rich otherwise renders for 80 columns when the stream is not a TTY, so tables wrap and split file paths across
+    lines, and `crosschip check ... > out.txt` or `| grep` find half a path. Not a TTY: one line per row, no
+    colour codes (rich's own detection), whatever COLUMNS says.
+    """
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
+
+
+out = make_console()
+err = make_console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
@@ -37,15 +54,40 @@ def _click_exceptions() -> tuple[type[Exception], ...]:
     return (click.ClickException, *((extra,) if isinstance(extra, type) else ()))
 
 
+INTERNAL_EXIT = 3  # an unexpected exception: not the verdict (1) nor bad input (2)
+TRACEBACK_ENV = "CROSSCHIP_TRACEBACK"  # set to 1 to see the traceback of an unexpected exception
+
+
+def print_error(problem: str) -> None:
+    """`error: <problem> (fix: ...)` as one line on stderr."""
+    # A Text, not markup: messages quote user paths/values, and '[/x]' or ':smile:' in them must print
+    # verbatim (markup would raise MarkupError). soft_wrap + joined lines: the error stays one line.
+    message = " ".join(problem.splitlines())
+    err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+
+
+def unexpected_error(e: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for an exception no stage turned into a CrosschipError.
+
+    OSError is the environment (disk full, permissions, a vanished file): exit 2 with the OS's words.
+    Anything else is a crosschip bug: exit 3, and the traceback only when CROSSCHIP_TRACEBACK=1.
+    """
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if e.filename else ""
+        text = str(CrosschipError(f"{e.strerror or e}{where}", "check the path, its permissions and free disk space"))
+        return text, 2
+    first = (str(e).strip().splitlines() or [""])[0]
+    problem = f"internal error: {type(e).__name__}{': ' + first if first else ''}"
+    fix = f"this is a crosschip bug: rerun with {TRACEBACK_ENV}=1 for the traceback and report it"
+    return str(CrosschipError(problem, fix)), INTERNAL_EXIT
+
+
 def run_app(app: typer.Typer) -> None:
     """Run a typer app: bad input is one line on stderr and a non-zero exit, never a traceback."""
     try:
         rc = app(standalone_mode=False)  # returns the code of a typer.Exit
     except CrosschipError as e:
-        # A Text, not markup: messages quote user paths/values, and '[/x]' or ':smile:' in them must print
-        # verbatim (markup would raise MarkupError). soft_wrap + joined lines: the error stays one line.
-        message = " ".join(str(e).splitlines())
-        err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+        print_error(str(e))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -56,5 +98,9 @@ def run_app(app: typer.Typer) -> None:
         if isinstance(e, _click_exceptions()):
             e.show()  # type: ignore[attr-defined]
             sys.exit(e.exit_code)  # type: ignore[attr-defined]
-        raise
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        message, code = unexpected_error(e)
+        print_error(message)
+        sys.exit(code)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,17 +1,97 @@
-"""Atomic filesystem helpers: outputs appear whole (temp + fsync + rename) or not at all."""
+"""Atomic filesystem helpers: outputs appear whole (temp + fsync + rename) or not at all.
+
+Every temporary is a hidden sibling named `.<final>.tmp-<host>-<pid>-<random>` (`.old-` for a replaced
+directory on its way out): the host is a hash of this machine's name and the pid the writing process. A process
+killed mid-write (SIGKILL, OOM, power) cannot clean up, so every atomic writer first reclaims the temporaries in
+its directory whose owner is gone: same host, and the pid is not running (or now belongs to a process started
+after the temporary was last written). Each removal is reported on stderr. Live writers, other hosts on a shared
+filesystem and untagged files are never touched.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from crosschip.errors import CrosschipError
+
+HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+_TAGGED = re.compile(r"^\..+\.(?:tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]+$")
+_CLOCK_SLACK_S = 2.0  # process start times are rounded; a temporary is never older than its writer by more
+
+
+def _report_reclaimed(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+on_reclaim: Callable[[str], None] = _report_reclaimed  # where "removed stale temporary ..." lines go
+
+
+def temp_prefix(final: Path, kind: str = "tmp") -> str:
+    """`.<name>.<kind>-<host>-<pid>-`: the owner-tagged prefix of a temporary beside `final`."""
+    return f".{Path(final).name}.{kind}-{HOST_TAG}-{os.getpid()}-"
+
+
+def _owner_alive(pid: int, written: float) -> bool:
+    """Whether the process that wrote a temporary (last modified at `written`) may still be writing it."""
+    if pid == os.getpid():
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        # A pid reused by a process that started after the temporary was written is not its owner.
+        return proc.create_time() <= written + _CLOCK_SLACK_S
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # e.g. AccessDenied: someone else's live process; leave its files alone
+        return True
+
+
+def _tree_bytes(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    return sum(f.lstat().st_size for f in path.rglob("*") if not f.is_dir() or f.is_symlink())
+
+
+def reclaim_stale(directory: Path) -> list[Path]:
+    """Remove the temporaries in `directory` left by dead crosschip processes on this host; return them."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed: list[Path] = []
+    for entry in entries:
+        match = _TAGGED.match(entry.name)
+        if match is None or match["host"] != HOST_TAG:
+            continue
+        path = Path(entry.path)
+        try:
+            if _owner_alive(int(match["pid"]), path.lstat().st_mtime):
+                continue
+            size = _tree_bytes(path)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:  # reclaimed by another writer first, or not ours to remove (another user's, in /tmp)
+            continue
+        removed.append(path)
+        on_reclaim(f"removed stale temporary {path} ({size / 2**20:.1f} MiB) left by process {match['pid']}, "
+                   "which is gone")
+    return removed
 
 
 def _umask() -> int:
@@ -59,7 +139,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so readers see the old content or the new, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    reclaim_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path))
     try:
         # mkstemp makes 0600 files; a checkpoint must be readable like any normally created file.
         os.chmod(tmp, default_mode())
@@ -99,14 +180,15 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     final = Path(final)
     check_output_dir(final, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    reclaim_stale(final.parent)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final)))
     os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes 0700 directories
     try:
         yield tmp
         fsync_tree(tmp)
         if final.exists():
             # Move the old one aside first: rename() cannot replace a non-empty directory.
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=temp_prefix(final, "old")))
             os.rename(final, old / "x")
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -116,3 +198,17 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_dir(name: str, parent: Path | None = None) -> Iterator[Path]:
+    """A private temporary directory (in `parent`, default $TMPDIR), removed on exit and owner-tagged, so that
+    the next run reclaims the one a killed process left (a tokenizer, a golden conversion: model-sized)."""
+    root = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    reclaim_stale(root)
+    path = Path(tempfile.mkdtemp(dir=root, prefix=temp_prefix(root / name)))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -151,8 +151,23 @@ def preset_summary(preset: Preset) -> dict:
 def build_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
     """A freshly initialised fp32 model; the seed makes initialisation reproducible."""
     torch.manual_seed(seed)
-    # sdpa: fused attention on every backend torch supports, and what serving stacks use.
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention_for(config))
+
+
+def attention_for(config: PretrainedConfig) -> str:
+    """`sdpa` where the model class supports it, else `eager`.
+
+    sdpa is fused attention on every backend torch supports and what serving stacks use, but some classes
+    refuse it: transformers' `_supports_sdpa` is False for Gemma2 (`models/gemma2/modeling_gemma2.py`:
+    "sdpa does not support softcapping"), and `from_pretrained(attn_implementation="sdpa")` then raises
+    (`modeling_utils.get_correct_attn_implementation`). Asking the class's own flag picks what it can run.
+    """
+    return "sdpa" if getattr(model_class(config), "_supports_sdpa", False) else "eager"
+
+
+def attention_of(model: PreTrainedModel) -> str:
+    """The attention implementation a built model runs (recorded in reports next to dtype and device)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
 
 
 def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:

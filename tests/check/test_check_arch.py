@@ -106,3 +106,38 @@ def test_a_complete_custom_list_loads(tmp_path: Path) -> None:
     profile = load_target_file(path)
     assert check_architecture(_config("Qwen2ForCausalLM"), profile).status == "WARN"
     assert check_architecture(_config("LlamaForCausalLM"), profile).status == "PASS"
+
+
+def _gemma2_config_dir(root: Path) -> Path:
+    """A config-only Gemma2 directory: transformers' Gemma2 has no sdpa (softcapping)."""
+    import json
+
+    from archkit import tiny_config
+
+    root.mkdir()
+    config = tiny_config("gemma2", 400, 1, 2, 0).to_dict()
+    config["architectures"] = ["Gemma2ForCausalLM"]
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_load_row_names_the_attention_crosschip_builds(tmp_path: Path) -> None:
+    from crosschip.check.arch import check_loadable
+
+    row = check_loadable(_gemma2_config_dir(tmp_path / "gemma2"))
+    assert row.status == "PASS" and row.details["attention"] == "eager", row.reason
+    assert "Gemma2ForCausalLM does not support sdpa" in row.reason
+
+
+def test_load_fails_where_crosschip_cannot_build_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before issue 14 crosschip forced sdpa: Gemma2 then could not be loaded, yet check said PASS on 910B.
+    Forcing sdpa again must turn the load row, and so the verdict, into FAIL with transformers' reason."""
+    import crosschip.models
+    from crosschip.check.run import run_check
+
+    monkeypatch.setattr(crosschip.models, "attention_for", lambda config: "sdpa")
+    report = run_check(_gemma2_config_dir(tmp_path / "gemma2"), "ascend-910b", numerics=False)
+    row = next(r for r in report.checks if r.check == "load")
+    assert row.status == "FAIL" and report.verdict == "fail"
+    assert "does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention" \
+        in row.reason and row.fix

@@ -97,7 +97,8 @@ def test_pass_exits_0_with_a_schema_valid_json_report(runs: dict[str, Any]) -> N
     assert report["schema_version"] == SCHEMA_VERSION == 1
     assert report["verdict"] == "pass" and report["target"] == "nvidia-h100" and report["stack"] == "vllm"
     assert (report["devices"], report["batch"], report["context"]) == (1, 1, 512)  # the model's max position
-    assert [c["check"] for c in report["checks"]] == ["formats", "memory", "architecture", "fp8-blocks", "numerics"]
+    checks = [c["check"] for c in report["checks"]]
+    assert checks == ["formats", "memory", "architecture", "load", "fp8-blocks", "numerics"]
 
 
 def test_fail_exits_1_with_a_table_naming_the_fix(runs: dict[str, Any], deepseek_fp8: Path) -> None:

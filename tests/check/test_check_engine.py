@@ -43,7 +43,8 @@ def test_fp8_checkpoint_with_intermediate_688_fails_naming_tensor_dim_and_rule(l
     assert fp8.details["stack"] == "vllm" and fp8.details["passing_devices"] == []
     assert {v["tensor"] for v in fp8.details["violations"]} == {f"model.layers.{i}.mlp.gate_proj.weight"
                                                                  for i in range(2)}
-    assert report.to_dict()["checks"][3]["details"]["violations"][0] == {
+    fp8_json = next(c for c in report.to_dict()["checks"] if c["check"] == "fp8-blocks")
+    assert fp8_json["details"]["violations"][0] == {
         "tensor": "model.layers.0.mlp.gate_proj.weight", "layer": "model.layers.0.mlp.gate_up_proj", "dim": "output",
         "size": 688, "multiple": 128, "tp": 1, "rule": "vLLM validate_fp8_block_shape, quantization/utils/fp8_utils.py"}
 
@@ -185,7 +186,7 @@ def test_json_names_the_stack_and_each_rules_outcome(llama_256_fp8: Path) -> Non
     data = run_check(llama_256_fp8, "nvidia-h100", numerics=False).to_dict()
     assert data["stack"] == "vllm"
     checks = {c["check"]: c for c in data["checks"]}
-    assert list(checks) == ["formats", "memory", "architecture", "fp8-blocks", "numerics"]
+    assert list(checks) == ["formats", "memory", "architecture", "load", "fp8-blocks", "numerics"]
     assert checks["fp8-blocks"]["details"]["rule"] == "fp8_block"
     assert checks["architecture"]["details"]["rule"] == "architectures"
     assert all(src.startswith("https://") for src in checks["fp8-blocks"]["details"]["sources"])

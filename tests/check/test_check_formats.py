@@ -18,8 +18,8 @@ from crosschip.check.formats import (
     stored_specs,
 )
 from crosschip.check.run import run_check
-from crosschip.convert import layouts
 from crosschip.convert.pipeline import output_specs
+from crosschip.formats import layouts
 from crosschip.targets import load_target
 
 

@@ -15,7 +15,7 @@ from check_testkit import DEEPSEEK_V3, convert_to, write_config_dir
 from crosschip.check.formats import load_inventory
 from crosschip.check.numerics import activation_maxima, calibration_batches, check_numerics
 from crosschip.checkpoint import write_checkpoint
-from crosschip.convert.quant import FP16_MAX
+from crosschip.formats.quant import FP16_MAX
 from crosschip.targets import load_target
 
 PLANTED = "model.layers.1.mlp.down_proj"

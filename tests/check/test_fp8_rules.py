@@ -1,7 +1,7 @@
 """vLLM's FP8 block-shape rule on checkpoint tensors: which layers vLLM builds from them, and which partitions break.
 
 Shapes come from real configs in closed form (crosschip.check.formats) and the tensors `convert --to fp8-block`
-quantizes (crosschip.convert.layouts.make_plan), so nothing is loaded.
+quantizes (crosschip.formats.layouts.make_plan), so nothing is loaded.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from check_testkit import DEEPSEEK_V3, LLAMA3_8B
 
 from crosschip.check.formats import config_shapes
 from crosschip.check.fp8_rules import VllmLayer, fp8_violations, layer_violations, vllm_layers
-from crosschip.convert.layouts import make_plan
+from crosschip.formats.layouts import make_plan
 
 BLOCK = (128, 128)
 

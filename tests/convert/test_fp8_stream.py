@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from crosschip.convert import fp8_stream
-from crosschip.convert.quant import FP8_DTYPE, fp8_block_dequantize, fp8_scale_shape, tensor_error
+from crosschip.formats.quant import FP8_DTYPE, fp8_block_dequantize, fp8_scale_shape, tensor_error
 
 
 class Collect:

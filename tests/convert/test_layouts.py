@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from crosschip import models
-from crosschip.convert import layouts, policy
 from crosschip.errors import CrosschipError
+from crosschip.formats import layouts, policy
 
 Q, F = "W8A8_DYNAMIC", "FLOAT"
 ALL_LAYOUTS = [(fmt, layout) for fmt in layouts.FORMATS for layout in layouts.LAYOUTS[fmt]]

@@ -37,8 +37,8 @@ from safetensors.torch import load_file, save_file
 
 from crosschip import checkpoint
 from crosschip.convert.pipeline import ConvertOptions, convert, open_source, resolve_options
-from crosschip.convert.quant import FP8_REL_ERR, fp8_error_bound
 from crosschip.errors import CrosschipError
+from crosschip.formats.quant import FP8_REL_ERR, fp8_error_bound
 
 IDS = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(0))
 HP = ("fp32", "bf16", "fp16")

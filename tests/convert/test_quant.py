@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from crosschip.convert import quant
 from crosschip.errors import CrosschipError
+from crosschip.formats import quant
 
 
 def _weights(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -116,7 +116,7 @@ class ReferenceEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         opts = request.sampling
-        if len(request.prompt_ids) + opts.max_tokens > self.max_context:
+        if len(request.prompt_ids) + (0 if opts.score_only else opts.max_tokens) > self.max_context:
             raise RequestTooLongError(f"{len(request.prompt_ids)} + {opts.max_tokens} > {self.max_context}")
         assert self._slots is not None, "start() first"
         if self._slots.locked() and self._waiting >= self.max_queue:

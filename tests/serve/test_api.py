@@ -8,6 +8,7 @@ engine in a real server process.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -283,7 +284,6 @@ def test_multiple_prompts_and_token_prompts(client: TestClient, serve_tokenizer:
 COMPLETION = {"model": MODEL, "prompt": "hi"}
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
 BAD_INPUTS = [
-    ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, "model"),
     ("/v1/completions", {**COMPLETION, "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {**COMPLETION, "temperature": -0.5}, "temperature"),
     ("/v1/completions", {**COMPLETION, "top_p": 0}, "top_p"),
@@ -295,7 +295,11 @@ BAD_INPUTS = [
     ("/v1/completions", {**COMPLETION, "prompt": [1, 10**6]}, "prompt"),
     ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs"),
     ("/v1/completions", {**COMPLETION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ("/v1/completions", {**COMPLETION, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/completions", {**COMPLETION, "frequency_penalty": 2.5}, "frequency_penalty"),  # OpenAI's range: [-2, 2]
+    ("/v1/completions", {**COMPLETION, "max_tokens": "7"}, "max_tokens"),  # strict: a string is no integer
+    ("/v1/completions", {**COMPLETION, "echo": "true"}, "echo"),
+    ("/v1/completions", {**COMPLETION, "prompt": ""}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "logit_bias": {"400": 1.0}}, "logit_bias"),  # outside the vocabulary
     ("/v1/completions", {**COMPLETION, "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", {**COMPLETION, "bogus": 1}, "bogus"),
     ("/v1/completions", {"model": MODEL}, "prompt"),
@@ -304,7 +308,7 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "tools": []}, "tools"),
-    ("/v1/chat/completions", {**CHAT, "model": "nope"}, "model"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 10**6, "max_completion_tokens": 4}, "max_tokens"),
 ]
 
 
@@ -337,6 +341,15 @@ def test_malformed_bodies_are_400(client: TestClient, raw: bytes, words: str) ->
     assert r.status_code == 400, r.text
     assert words in r.json()["error"]["message"]
     assert client.get("/health").status_code == 200
+
+
+def test_unknown_model_is_404_and_an_empty_name_means_the_served_one(client: TestClient) -> None:
+    """OpenAI and vLLM answer an unknown model 404 (`model_not_found`); "" is schema-valid and, as in vLLM
+    (`_is_model_supported`), names the served model."""
+    r = client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    r = client.post("/v1/completions", json={**COMPLETION, "model": ""})
+    assert r.status_code == 200 and r.json()["model"] == MODEL, r.text
 
 
 def test_unknown_route_is_openai_404(client: TestClient) -> None:
@@ -430,3 +443,39 @@ def test_prometheus_format() -> None:
         Counter("x", "y").inc(-1)
     with pytest.raises(ValueError):
         Histogram("x", "y", [2.0, 1.0])
+
+
+# ---------------------------------------------------------------- the schema says what the server does (issue 14)
+
+
+def test_openapi_documents_content_types_and_this_servers_limits(client: TestClient, serve_tokenizer: Any) -> None:
+    spec = client.get("/openapi.json").json()
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == [client.get("/metrics").headers["content-type"]]  # Prometheus text, not JSON
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        assert {"application/json", "text/event-stream"} <= set(spec["paths"][path]["post"]["responses"]["200"]
+                                                                ["content"])
+    props = spec["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert props["n"]["maximum"] == 16  # the server's max_n, not the protocol's hard bound
+    bias = next(a for a in props["logit_bias"]["anyOf"] if a.get("type") == "object")
+    keys = re.compile(bias["propertyNames"]["pattern"])
+    vocab = len(serve_tokenizer)  # the ReferenceEngine has no vocab_size of its own: the tokenizer's bounds it
+    assert keys.match(str(vocab - 1)) and not keys.match(str(vocab)) and not keys.match("01")
+
+
+def test_echo_without_generation_scores_a_prompt_that_fills_the_context(client: TestClient, engine: Any) -> None:
+    ids = [5 + i % 50 for i in range(engine.max_context)]
+    r = client.post("/v1/completions", json={**COMPLETION, "prompt": ids, "max_tokens": 0, "echo": True,
+                                             "logprobs": 0})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["token_logprobs"]) == engine.max_context
+    r = client.post("/v1/completions", json={**COMPLETION, "prompt": ids, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_penalties_and_logit_bias_are_accepted(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 4, "frequency_penalty": 1.0,
+                                             "presence_penalty": -0.5, "logit_bias": {"7": 100}})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2, "frequency_penalty": 2.0})
+    assert r.status_code == 200, r.text

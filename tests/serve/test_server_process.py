@@ -216,7 +216,6 @@ BAD = [
     (b'{"model": "M", "prompt": "x",', None, "JSON"),
     (b'{"model": "M", "prompt": "caf\xe9"}', None, "UTF-8"),
     (b'{"model": "M", "prompt": "\\udc80"}', "prompt", "UTF-8"),
-    (b'{"model": "other", "prompt": "x"}', "model", "other"),
     (json.dumps({"model": "M", "prompt": "word " * 300}).encode(), "prompt", "context"),
     (b'{"model": "M", "prompt": "x", "max_tokens": 0}', "max_tokens", "max_tokens"),
     (b'{"model": "M", "prompt": "x", "temperature": -1}', "temperature", "temperature"),
@@ -234,6 +233,12 @@ def test_bad_input_is_400(server: Any, raw: bytes, param: str | None, words: str
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"]
     assert httpx.get(server.root + "/health").status_code == 200
+
+
+def test_unknown_model_is_404(server: Any) -> None:
+    """As OpenAI and vLLM answer it (`model_not_found`)."""
+    r = httpx.post(server.url + "/completions", json={"model": "other", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found" and "other" in r.text
 
 
 # ---------------------------------------------------------------- admission, cancellation, auth, shutdown

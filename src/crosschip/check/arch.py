@@ -9,9 +9,11 @@ AutoModelForCausalLM loads.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from crosschip.check.run import CheckResult
+from crosschip.check.result import CheckResult
+from crosschip.errors import CrosschipError
 from crosschip.targets import ANY_TRANSFORMERS_CAUSAL_LM, Stack, TargetProfile, list_targets, load_target
 
 
@@ -74,3 +76,37 @@ def check_architecture(config: dict[str, Any], profile: TargetProfile, stack: St
         )
     return CheckResult("architecture", "FAIL", f"{arch} is not among the architectures {where} supports ({source})",
                        _fail_fix(arch, profile, stack), details)
+
+
+
+def check_loadable(root: Path) -> CheckResult:
+    """PASS if this transformers builds the model of root/config.json (on the meta device: no memory) with the
+    attention crosschip picks (`models.attention_for`); FAIL with transformers' reason otherwise.
+
+    crosschip's convert, verify and serve all load the model through transformers, so when this fails the
+    checkpoint cannot be verified or served here, whatever a target's stacks list.
+    """
+    import transformers
+
+    from crosschip.check.formats import meta_model, read_config
+    from crosschip.models import attention_for
+
+    version = f"transformers {transformers.__version__}"
+    details: dict[str, Any] = {"transformers": transformers.__version__}
+    fix = "use a transformers release that builds this architecture, or fix config.json"
+    try:
+        cfg = read_config(root)
+        details["model_type"] = cfg.model_type
+        attention = attention_for(cfg)
+        model = meta_model(cfg, attention)
+    except CrosschipError as e:
+        return CheckResult("load", "FAIL", f"{version} cannot build this model: {e.problem}", fix, details)
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises, crosschip cannot load this model
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return CheckResult("load", "FAIL", f"{version} cannot build {details.get('model_type')!r}: {first}", fix,
+                           details)
+    name = type(model).__name__
+    details.update(architecture=name, attention=attention)
+    why = "" if attention == "sdpa" else f" ({name} does not support sdpa)"
+    return CheckResult("load", "PASS", f"{version} builds {name} with {attention} attention{why}: crosschip can "
+                       "convert, verify and serve it", None, details)

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from crosschip.check.fp8_rules import Violation, fp8_violations
-from crosschip.check.run import CheckResult
-from crosschip.convert.quant import FP8_BLOCK  # crosschip convert's block: the DeepSeek-V3 layout
+from crosschip.check.result import CheckResult
 from crosschip.errors import CrosschipError
+from crosschip.formats.quant import FP8_BLOCK  # crosschip convert's block: the DeepSeek-V3 layout
 from crosschip.targets import TargetProfile
 from crosschip.targets.stacks import Stack
 
@@ -69,7 +69,7 @@ def format_problem(fmt: str, layout: str, profile: TargetProfile, stack: Stack,
 def _convert_choice(fmt: str, profile: TargetProfile, stack: Stack,
                     host_flags: Collection[str]) -> tuple[str, str | None] | None:
     """A (format, layout) convert can write that this stack runs on this target, closest to `fmt`."""
-    from crosschip.convert.layouts import LAYOUTS, QUANTIZED_FORMATS
+    from crosschip.formats.layouts import LAYOUTS, QUANTIZED_FORMATS
 
     choices: list[tuple[str, str | None]] = []
     for entry in stack.formats:
@@ -158,7 +158,7 @@ def check_attention(config: Mapping[str, Any], profile: TargetProfile, stack: St
 
 def stored_fp8_shapes(inv: Any) -> dict[str, tuple[int, ...]]:
     """Shapes of the FP8 weights a server loads from a checkpoint (formats.Inventory; MTP layers left out)."""
-    from crosschip.convert.policy import is_mtp_layer
+    from crosschip.formats.policy import is_mtp_layer
 
     fp8 = (t for t in inv.tensors if t.dtype.startswith("fp8") and t.role == "quantized")
     return {t.name: t.shape for t in fp8 if not is_mtp_layer(t.name, inv.config)}
@@ -167,8 +167,8 @@ def stored_fp8_shapes(inv: Any) -> dict[str, tuple[int, ...]]:
 def planned_fp8_shapes(inv: Any) -> dict[str, tuple[int, ...]]:
     """Shapes of the weights `crosschip convert --to fp8-block` would quantize (formats.Inventory)."""
     from crosschip.check.formats import FLOAT_DTYPES, config_shapes
-    from crosschip.convert.layouts import make_plan
-    from crosschip.convert.policy import is_mtp_layer
+    from crosschip.formats.layouts import make_plan
+    from crosschip.formats.policy import is_mtp_layer
 
     if inv.fmt in FLOAT_DTYPES and not inv.config_only:
         shapes = {t.name: t.shape for t in inv.tensors}  # plain checkpoints store the logical shapes

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from crosschip.check.run import CheckResult
-from crosschip.convert.layouts import stored_specs
-from crosschip.convert.policy import keep_fp32
+from crosschip.check.result import CheckResult
 from crosschip.errors import CrosschipError
+from crosschip.formats.layouts import stored_specs
+from crosschip.formats.policy import keep_fp32
 from crosschip.targets import SERVING_FORMATS, Stack, TargetProfile
 
 DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -102,7 +102,7 @@ class Inventory:
     def serving_tensors(self) -> list[StoredTensor]:
         """Tensors a server loads: all but DeepSeek multi-token-prediction layers (index >= num_hidden_layers),
         which vLLM loads only as a speculative-decoding draft model."""
-        from crosschip.convert.policy import is_mtp_layer
+        from crosschip.formats.policy import is_mtp_layer
 
         return [t for t in self.tensors if not is_mtp_layer(t.name, self.config)]
 
@@ -141,7 +141,7 @@ def load_inventory(path: Path) -> Inventory:
     if (path / "config.json").is_file() and not _has_weights(path):
         return config_inventory(path, _read_config(path))  # before importing crosschip.checkpoint: speed
     from crosschip.checkpoint import read_manifest, resolve_checkpoint_dir
-    from crosschip.convert.layouts import QUANT_DESCRIPTION_NAME, detect_format
+    from crosschip.formats.layouts import QUANT_DESCRIPTION_NAME, detect_format
 
     root = resolve_checkpoint_dir(path)
     config = _read_config(root)
@@ -168,24 +168,35 @@ def header_tensors(root: Path) -> list[StoredTensor]:
     ]
 
 
-def _meta_model(root: Path) -> torch.nn.Module:
-    """The model of root/config.json with every parameter on the meta device (no memory, no init)."""
+def read_config(root: Path) -> Any:
+    """root/config.json as transformers' config class (quantization_config dropped: sizing and building only)."""
     from transformers import AutoConfig
 
-    from crosschip.models import model_class
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
     try:
         cfg = AutoConfig.from_pretrained(root, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise CrosschipError(f"{root}/config.json is not a config transformers knows ({e})",
                              "check a Hugging Face causal LM config") from e
     if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config  # sizing only: the plan below decides what is quantized
+        del cfg.quantization_config  # the plan decides what is quantized; no quantizer may touch the build
+    return cfg
+
+
+def meta_model(cfg: Any, attention: str | None = None) -> torch.nn.Module:
+    """The model of `cfg` with every parameter on the meta device (no memory, no init).
+
+    `attention` set: built with that attention implementation, so a class that refuses it raises here as
+    `from_pretrained` would (transformers checks it in `PreTrainedModel.__init__`).
+    """
+    from crosschip.models import model_class
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
     cls = model_class(cfg)
+    if attention is not None:
+        cfg._attn_implementation = attention
     # The class directly, not from_config: same modules, ~20x faster (no weight-init bookkeeping).
     with torch.device("meta"), no_init_weights():
         model = cls(cfg)
@@ -195,7 +206,7 @@ def _meta_model(root: Path) -> torch.nn.Module:
 
 def meta_shapes(root: Path) -> dict[str, tuple[int, ...]]:
     """Checkpoint tensor names and shapes of root/config.json's model, built on the meta device."""
-    model = _meta_model(root)
+    model = meta_model(read_config(root))
     stored = set(model.state_dict())  # persistent buffers (e.g. DeepSeek's e_score_correction_bias) are stored
     named = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in stored)]
     return checkpoint_shapes(named)
@@ -335,7 +346,7 @@ def config_shapes(root: Path, config: dict[str, Any]) -> dict[str, tuple[int, ..
 
 def config_inventory(root: Path, config: dict[str, Any]) -> Inventory:
     """Tensors a checkpoint of this config stores in the config's format (convert's plan for that format)."""
-    from crosschip.convert import layouts
+    from crosschip.formats import layouts
 
     fmt, layout = layouts.detect_format(config)
     shapes = config_shapes(root, config)

@@ -31,7 +31,7 @@ from typing import Any
 import psutil
 
 from crosschip.check.formats import Inventory, gib
-from crosschip.check.run import CheckResult
+from crosschip.check.result import CheckResult
 from crosschip.errors import CrosschipError
 from crosschip.targets import TargetProfile
 
@@ -144,7 +144,7 @@ def served_weight_bytes(inv: Inventory, profile: TargetProfile) -> tuple[int, st
     the stored format, else the size after `crosschip convert --target` to its default float format
     (quantized codes dequantized, scales dropped, tensors every format keeps in fp32 kept)."""
     from crosschip.check.formats import runnable
-    from crosschip.convert.policy import keep_fp32
+    from crosschip.formats.policy import keep_fp32
 
     fmt = profile.default_serving_format
     if runnable(inv, profile) or fmt not in _FLOAT_BYTES:

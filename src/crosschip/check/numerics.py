@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from crosschip.check.formats import Inventory
-from crosschip.check.run import CheckResult
-from crosschip.convert.quant import FP16_MAX, RangeAudit
+from crosschip.check.result import CheckResult
+from crosschip.formats.quant import FP16_MAX, RangeAudit
 from crosschip.targets import TargetProfile
 
 PROBE_TEXTS = 4
@@ -186,10 +186,10 @@ def probe_activations(inv: Inventory, profile: TargetProfile) -> CheckResult:
 
 def audit_weights(root: Path) -> list[RangeAudit]:
     """convert's fp16 range audit of every tensor `crosschip convert --to fp16` would cast (one at a time)."""
-    from crosschip.convert import layouts
     from crosschip.convert.pipeline import open_source
-    from crosschip.convert.quant import fp16_range_audit
     from crosschip.convert.stream import SourceReader
+    from crosschip.formats import layouts
+    from crosschip.formats.quant import fp16_range_audit
 
     src = open_source(root)
     reader = SourceReader(src.root, src.infos)

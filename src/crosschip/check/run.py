@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crosschip.check.result import STATUSES, CheckResult
 from crosschip.errors import CrosschipError
 
 SCHEMA_VERSION = 1
-STATUSES = ("PASS", "WARN", "FAIL")
 VERDICTS = ("pass", "warn", "fail")
 DEFAULT_BATCH = 1
 DEFAULT_DEVICES = 1
@@ -51,25 +51,6 @@ REPORT_SCHEMA: dict[str, Any] = {
         "elapsed_s": {"type": "number"},
     },
 }
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """One row of the report: which check, PASS/WARN/FAIL, why, and how to fix it (a command where one exists)."""
-
-    check: str
-    status: str
-    reason: str
-    fix: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")  # a bug, not user input
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"check": self.check, "status": self.status, "reason": self.reason, "fix": self.fix,
-                "details": self.details}
 
 
 @dataclass
@@ -175,6 +156,7 @@ def run_check(
         formats.check_formats(inventory, profile, str(ckpt), chosen, flags),
         memory.check_memory(inventory, profile, devices=devices, batch=batch, context=context),
         arch.check_architecture(inventory.config, profile, chosen),
+        arch.check_loadable(inventory.root),
     ]
     checks += [row for row in (engine.check_attention(inventory.config, profile, chosen),
                                engine.check_fp8_blocks(inventory, profile, chosen, devices, str(ckpt))) if row]

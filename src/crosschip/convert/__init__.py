@@ -11,7 +11,7 @@ Typical use, one tensor at a time:
     new_config = layouts.convert_config(plan, config, dtype); files = layouts.extra_files(plan)
 """
 
-from crosschip.convert.layouts import (
+from crosschip.formats.layouts import (
     FORMATS,
     LAYOUTS,
     QUANT_DESCRIPTION_NAME,
@@ -28,7 +28,7 @@ from crosschip.convert.layouts import (
     resolve_dtype,
     resolve_layout,
 )
-from crosschip.convert.quant import RangeAudit, TensorError, check_fp16_audits, fp16_range_audit, tensor_error
+from crosschip.formats.quant import RangeAudit, TensorError, check_fp16_audits, fp16_range_audit, tensor_error
 
 __all__ = [
     "FORMATS",

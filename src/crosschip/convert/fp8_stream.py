@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from crosschip.convert.quant import FP8_BLOCK, FP8_DTYPE, TensorError, check_fp8_pair
 from crosschip.convert.stream import ShardWriter
+from crosschip.formats.quant import FP8_BLOCK, FP8_DTYPE, TensorError, check_fp8_pair
 
 RowReader = Callable[[int, int, torch.Tensor], torch.Tensor]  # (start, stop, uint8 buffer) -> rows
 TILE_ELEMS = 2**20  # elements per tile: 4 MiB of fp32, so a tile's temporaries stay in cache

@@ -22,13 +22,7 @@ import torch
 
 import crosschip
 from crosschip import checkpoint
-from crosschip.convert import layouts
 from crosschip.convert.fp8_stream import dequantize_fp8_parts
-from crosschip.convert.quant import (
-    FP8_DTYPE,
-    TensorError,
-    check_fp16_audits,
-)
 from crosschip.convert.stream import (
     OutSpec,
     ShardWriter,
@@ -39,6 +33,12 @@ from crosschip.convert.stream import (
     scan_file,
 )
 from crosschip.errors import CrosschipError
+from crosschip.formats import layouts
+from crosschip.formats.quant import (
+    FP8_DTYPE,
+    TensorError,
+    check_fp16_audits,
+)
 from crosschip.fsio import atomic_dir, atomic_write_json
 
 # Files rewritten by convert (never copied); weights in pickle formats are never read.

@@ -1,7 +1,9 @@
 """Raw text corpora: find data files, stream documents out of them, fingerprint them.
 
 Accepted inputs are a single file or a directory (searched recursively) of:
-  * ``.txt``     one document per file (UTF-8),
+  * ``.txt``     one document per file (UTF-8) in a directory; a single ``.txt`` file given as the data
+                 (``crosschip train --data input.txt``, as nanoGPT users do) is split into documents on blank
+                 lines, and one unbroken text is split by position instead (`shards.py`),
   * ``.jsonl``   one JSON object per line with a string field ``"text"``,
   * ``.parquet`` a string column ``"text"``, read one row group at a time.
 Empty documents are skipped everywhere: they carry no tokens, only BOS/EOS noise.
@@ -13,6 +15,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import sysconfig
 import warnings
 from collections.abc import Iterator
@@ -47,6 +50,7 @@ _STDLIB_SKIP_DIRS = frozenset(
     }
 )
 _MIN_DOCSTRING_CHARS = 40
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")  # a line holding only whitespace separates documents
 
 
 def _suffix(path: Path) -> str:
@@ -185,16 +189,43 @@ def _iter_parquet(path: Path) -> Iterator[str]:
                 yield text
 
 
-def iter_file_documents(files: list[Path]) -> Iterator[str]:
-    """Yield every non-empty document of the given data files, in order."""
+def is_single_text(path: Path) -> bool:
+    """True when the data is one .txt file: its blank lines separate documents (see `split_paragraphs`)."""
+    return Path(path).is_file() and _suffix(Path(path)) == ".txt"
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """The documents of a single text file: blocks separated by one or more blank lines, each non-empty."""
+    return [block.strip("\n") for block in _BLANK_LINES.split(text) if block.strip()]
+
+
+def split_by_position(text: str, val_fraction: float) -> tuple[str, str]:
+    """nanoGPT's split of one unbroken text: the first (1 - val_fraction) for training, the rest for validation.
+
+    The cut moves back to the last line break before it when there is one (a line is not torn in two), and
+    to a space otherwise; both parts are non-empty for any text of two or more characters.
+    """
+    cut = min(max(int(len(text) * (1.0 - val_fraction)), 1), len(text) - 1)
+    for sep in ("\n", " "):
+        at = text.rfind(sep, 1, cut)
+        if at > 0 and text[:at].strip() and text[at + 1:].strip():
+            return text[:at + 1], text[at + 1:]
+    return text[:cut], text[cut:]
+
+
+def iter_file_documents(files: list[Path], paragraphs: bool = False) -> Iterator[str]:
+    """Yield every non-empty document of the given data files, in order.
+
+    `paragraphs`: the files are .txt files whose blank-line separated blocks are the documents."""
     readers = {".txt": _iter_txt, ".jsonl": _iter_jsonl, ".parquet": _iter_parquet}
     for f in files:
-        yield from readers[_suffix(f)](f)
+        for doc in readers[_suffix(f)](f):
+            yield from split_paragraphs(doc) if paragraphs else (doc,)
 
 
 def iter_documents(path: Path) -> Iterator[str]:
     """Yield every non-empty document under `path`, in a deterministic order."""
-    yield from iter_file_documents(list_data_files(path))
+    yield from iter_file_documents(list_data_files(path), paragraphs=is_single_text(path))
 
 
 def _file_sha256(path: Path) -> str:

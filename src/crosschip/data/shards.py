@@ -6,7 +6,10 @@ Layout of a cache entry ``cache_dir/<key>/``:
     never doubled whatever the tokenizer adds; with crosschip's tokenizer a packed document is exactly
     ``tokenizer(text)`` + EOS;
   * ``index.json``              dtype, per-split token/document counts, fingerprints, split settings.
-The key hashes the data fingerprint, tokenizer fingerprint, val_fraction, seed and format version, so
+Documents go to validation by a seeded hash of their index (`is_val_document`). A single ``.txt`` file is split
+into documents on blank lines (`corpus.split_paragraphs`); when it holds one unbroken text, that text is split by
+position as nanoGPT does: the first (1 - val_fraction) trains, the rest validates (`corpus.split_by_position`).
+The key hashes the data fingerprint, the split rule, tokenizer fingerprint, val_fraction, seed and format version, so
 any change to the inputs gets a new entry and an unchanged input is never tokenized twice. Entries are
 published with ``atomic_dir``: a crash mid-build leaves no directory under the key.
 
@@ -18,14 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from crosschip.data.corpus import data_fingerprint, iter_file_documents, list_data_files
+from crosschip.data.corpus import (
+    data_fingerprint,
+    is_single_text,
+    iter_file_documents,
+    list_data_files,
+    split_by_position,
+)
 from crosschip.data.tokenizer import tokenizer_fingerprint
 from crosschip.errors import CrosschipError
 from crosschip.fsio import atomic_dir, atomic_write_json
@@ -62,9 +71,24 @@ def is_val_document(index: int, seed: int, val_fraction: float) -> bool:
     return int.from_bytes(digest, "big") / 2.0**64 < val_fraction
 
 
-def shard_key(data_fp: str, tok_fp: str, val_fraction: float, seed: int) -> str:
-    payload = json.dumps([data_fp, tok_fp, float(val_fraction), int(seed), FORMAT_VERSION])
+def shard_key(data_fp: str, tok_fp: str, val_fraction: float, seed: int, rule: str = "documents") -> str:
+    """The cache key; `rule` names how documents were cut, so one file read two ways gets two entries."""
+    fields: list[Any] = [data_fp, tok_fp, float(val_fraction), int(seed), FORMAT_VERSION]
+    payload = json.dumps(fields if rule == "documents" else [*fields, rule])  # old keys stay valid
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _split_documents(files: list[Path], single_text: bool, val_fraction: float) -> Iterator[tuple[str, str | None]]:
+    """(document, forced split or None) in order; None lets the seeded hash pick the split."""
+    if not single_text:
+        yield from ((doc, None) for doc in iter_file_documents(files))
+        return
+    docs = list(iter_file_documents(files, paragraphs=True))  # one file: its size is bounded by memory anyway
+    if len(docs) == 1 and len(docs[0]) >= 2:
+        train, val = split_by_position(docs[0], val_fraction)
+        yield from ((train, "train"), (val, "val"))
+        return
+    yield from ((doc, None) for doc in docs)
 
 
 class _SplitWriter:
@@ -126,7 +150,7 @@ def _balance_splits(writers: dict[str, _SplitWriter]) -> None:
     if total == 1:
         raise CrosschipError(
             "need at least 2 documents to split into train and validation",
-            "add documents (one per .txt file, JSONL line or parquet row)",
+            "add documents (one per .txt file, JSONL line or parquet row; blank lines separate them in one .txt)",
         )
     if writers["val"].documents == 0:
         writers["val"].write(writers["train"].pop_last())
@@ -143,6 +167,7 @@ def _tokenize_into(
     val_fraction: float,
     seed: int,
     progress: ProgressFn | None,
+    single_text: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Stream all documents through the tokenizer into out/{train,val}.bin; return per-split counts."""
     dtype = token_dtype(vocab_size)
@@ -151,24 +176,26 @@ def _tokenize_into(
     writers = {s: _SplitWriter(out / f"{s}.bin") for s in SPLITS}
     doc_index = 0
 
-    def flush(batch: list[str]) -> None:
+    def flush(batch: list[tuple[str, str | None]]) -> None:
         nonlocal doc_index
-        for enc in backend.encode_batch(batch, add_special_tokens=False):
+        encoded = backend.encode_batch([d for d, _ in batch], add_special_tokens=False)
+        for enc, (_, forced) in zip(encoded, batch, strict=True):
             ids = np.asarray(enc.ids, dtype=np.int64)
             if ids.size and int(ids.max()) >= vocab_size:
                 raise CrosschipError(f"tokenizer produced id {int(ids.max())} >= vocab size {vocab_size}")
             packed = np.empty(ids.size + 2, dtype=dtype)
             packed[0], packed[1:-1], packed[-1] = bos, ids, eos
-            writers["val" if is_val_document(doc_index, seed, val_fraction) else "train"].write(packed)
+            split = forced or ("val" if is_val_document(doc_index, seed, val_fraction) else "train")
+            writers[split].write(packed)
             doc_index += 1
         if progress is not None:
             progress(doc_index, sum(w.tokens for w in writers.values()))
 
     try:
-        batch: list[str] = []
+        batch: list[tuple[str, str | None]] = []
         chars = 0
-        for doc in iter_file_documents(files):
-            batch.append(doc)
+        for doc, forced in _split_documents(files, single_text, val_fraction):
+            batch.append((doc, forced))
             chars += len(doc)
             if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
                 flush(batch)
@@ -217,8 +244,10 @@ def build_shards(
     if not 0.0 < val_fraction < 1.0:
         raise CrosschipError(f"val_fraction must be in (0, 1), got {val_fraction}", "pass e.g. --val-fraction 0.05")
     files = list_data_files(Path(data_path))
+    single_text = is_single_text(Path(data_path))
     data_fp, tok_fp = data_fingerprint(files), tokenizer_fingerprint(tokenizer)
-    root = Path(cache_dir) / shard_key(data_fp, tok_fp, val_fraction, seed)
+    rule = "txt-paragraphs" if single_text else "documents"
+    root = Path(cache_dir) / shard_key(data_fp, tok_fp, val_fraction, seed, rule)
     cached = _open_cached(root)
     if cached is not None:
         return cached
@@ -226,7 +255,8 @@ def build_shards(
     # overwrite=True only replaces an incomplete/stale entry: a complete one returned above.
     with atomic_dir(root, overwrite=True) as tmp:
         splits = _tokenize_into(
-            tmp, files, tokenizer, vocab_size, val_fraction=val_fraction, seed=seed, progress=progress
+            tmp, files, tokenizer, vocab_size, val_fraction=val_fraction, seed=seed, progress=progress,
+            single_text=single_text,
         )
         meta = {
             "format_version": FORMAT_VERSION,
@@ -240,6 +270,7 @@ def build_shards(
             "tokenizer_fingerprint": tok_fp,
             "val_fraction": val_fraction,
             "seed": seed,
+            "split_rule": rule,
         }
         atomic_write_json(tmp / "index.json", meta)
     return _open(root, meta)

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crosschip.errors import CrosschipError
-from crosschip.fsio import atomic_write_bytes
+from crosschip.fsio import atomic_write_bytes, scratch_dir
 
 if TYPE_CHECKING:
     from tokenizers.processors import PostProcessor
@@ -190,7 +189,7 @@ def save_tokenizer(tok: Any, out_dir: Path) -> None:
     tokenizer_config.json is made portable and states whether the tokenizer adds BOS (see `_config_json`).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
+    with scratch_dir("tokenizer", parent=out_dir) as tmp:
         tok.save_pretrained(tmp)
         config = Path(tmp) / "tokenizer_config.json"
         if config.is_file():

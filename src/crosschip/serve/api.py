@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,6 +42,27 @@ DEFAULT_TIMEOUT_S = 600.0
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": P.ErrorResponse} for code in (400, 401, 404, 429, 503, 504)
 }
+
+
+# With `stream: true` both completion endpoints answer server-sent events (`data: {json}` lines, then
+# `data: [DONE]`), as OpenAI and vLLM do; the schema says so beside the JSON body.
+_STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "one JSON chunk, or [DONE] at the end"}}}}},
+          "description": "The response, or with stream true its server-sent events"},
+}
+
+
+class PrometheusResponse(Response):
+    """What /metrics returns, so that /openapi.json documents Prometheus text rather than JSON."""
+
+    media_type = CONTENT_TYPE
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str
 
 
 def _error_response(exc: APIError) -> JSONResponse:
@@ -62,10 +85,12 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     if first.get("type") == "missing" and not loc:
         return _error(400, "the request body is empty; send a JSON object")
     # Union members add their type name to the path (prompt.str, prompt.list[int]); keep the field.
-    param = ".".join(p for p in loc if not (p[:1].isalpha() and ("[" in p or p in {"str", "int", "float"})))
-    message = (
-        f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-    )
+    param = ".".join(p for p in loc if not (p[:1].isalpha() and ("[" in p or p in {"str", "int", "float"}
+                                                                 or p.startswith("constrained-"))))
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "string_unicode":  # a lone surrogate (\ud800): no UTF-8 encodes it
+        msg = "not valid UTF-8 text (it holds a lone surrogate)"
+    message = f"{param}: {msg}" if param else msg
     extra = f" ({len(errors) - 1} more error(s))" if len(errors) > 1 else ""
     return _error(400, message + extra, param=param or None, code="invalid_value")
 
@@ -243,11 +268,11 @@ def _v1_router(
         return P.ModelList(data=[P.ModelCard(id=config.model_name, root=config.root,
                                              max_model_len=config.max_context)])
 
-    @router.post("/completions", response_model=P.CompletionResponse)
+    @router.post("/completions", response_model=P.CompletionResponse, responses=_STREAM_RESPONSE)
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         return _respond(await _cancel_on_disconnect(request, completion.create(body)))
 
-    @router.post("/chat/completions", response_model=P.ChatCompletionResponse)
+    @router.post("/chat/completions", response_model=P.ChatCompletionResponse, responses=_STREAM_RESPONSE)
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         return _respond(await _cancel_on_disconnect(request, chat.create(body)))
 
@@ -290,13 +315,23 @@ def build_app(
     chat = OpenAIServingChat(engine, tokenizer, config, metrics)
     app.include_router(_v1_router(engine, completion, chat, config, api_key))
 
-    @app.get("/health")
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            app.openapi_schema = P.narrow_schema(schema, config.max_n, config.max_context, completion.vocab_size)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/health", response_model=HealthResponse, responses={503: {"model": P.ErrorResponse}})
     async def health() -> Response:
         if not state["ready"]:
             return _error(503, "the engine is not running", code="not_ready", type_="server_error")
         return JSONResponse({"status": "ok", "model": config.model_name})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PrometheusResponse,
+             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format 0.0.4"}})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -418,8 +453,11 @@ def _load(
     compile: bool,
 ) -> tuple[Engine, Any]:
     """The BatchEngine and the checkpoint's tokenizer; bad settings become CrosschipErrors."""
-    from crosschip.checkpoint import load_tokenizer_if_present
-    from crosschip.devices import torch_dtype
+    import torch
+
+    from crosschip.checkpoint import load_model, load_tokenizer_if_present
+    from crosschip.devices import resolve_device, torch_dtype
+    from crosschip.models import attention_of
     from crosschip.serve.engine import BatchEngine
 
     tokenizer = load_tokenizer_if_present(ckpt)
@@ -432,17 +470,18 @@ def _load(
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
     limits = {"max_batch": max_batch, "max_queue": max_queue, "max_context": max_context}
+    target = resolve_device(device)
+    # Loaded before the engine is built: a checkpoint transformers cannot build is load_model's own one-line
+    # error, and only the engine's ValueErrors below are about the serving limits.
+    model, _ = load_model(ckpt, target, torch.float32 if dtype is None else torch_dtype(dtype))
     try:
-        engine = BatchEngine.from_checkpoint(
-            ckpt,
-            device=device,
-            dtype=None if dtype is None else torch_dtype(dtype),
-            compile=compile,
-            **{k: v for k, v in limits.items() if v is not None},
-        )
+        engine = BatchEngine(model, tokenizer, model_name=ckpt.resolve().name, device=target, compile=compile,
+                             **{k: v for k, v in limits.items() if v is not None})
     except ValueError as e:  # the engine's checks of max_batch / max_queue / max_context
         fix = "adjust --max-batch / --max-queue / --max-context"
         raise CrosschipError(f"cannot serve {ckpt}: {e}", fix) from e
+    print(f"loaded {type(model).__name__} on {target} ({str(model.dtype).removeprefix('torch.')}, attention "
+          f"{attention_of(model)}, runner {type(engine.runner).__name__})", flush=True)  # stdout, as `serving ...`
     return engine, tokenizer
 
 
@@ -507,6 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     except CrosschipError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the same one line as every crosschip command (cli_common.run_app), no traceback
+        from crosschip.cli_common import TRACEBACK_ENV, unexpected_error
+
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        message, code = unexpected_error(e)
+        print(f"error: {message}", file=sys.stderr)
+        return code
     return 0
 
 

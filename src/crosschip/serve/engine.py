@@ -241,7 +241,7 @@ class BatchEngine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if opts.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {opts.max_tokens}")
-        if len(prompt) + opts.max_tokens > self.max_context:
+        if len(prompt) + (0 if opts.score_only else opts.max_tokens) > self.max_context:
             raise RequestTooLongError(
                 f"prompt ({len(prompt)} tokens) + max_tokens ({opts.max_tokens}) exceeds the context of "
                 f"{self.max_context} tokens"
@@ -252,6 +252,11 @@ class BatchEngine:
             raise ValueError(f"top_p must be in (0, 1], got {opts.top_p}")
         if opts.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {opts.top_k}")
+        if any(not 0 <= t < self.vocab_size or not -100 <= b <= 100 for t, b in opts.logit_bias):
+            raise ValueError(f"logit_bias takes token ids in [0, {self.vocab_size}) and biases in [-100, 100]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(opts, name) <= 2.0:  # OpenAI's range, which vLLM enforces too
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(opts, name)}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(opts, name)
             if value is not None and value < 0:

@@ -37,6 +37,14 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()  # e.g. EOS; the stop token is returned (as vLLM does), then ends it
     logprobs: int | None = None  # None: off; K >= 0: logprob of each sampled token plus the top-K
     prompt_logprobs: int | None = None  # None: off; K >= 0: logprob of each prompt token (echo) plus top-K
+    # OpenAI's penalties over the tokens generated so far, as vLLM applies them (model_executor/layers/utils.py
+    # `apply_penalties`): logits -= frequency * count + presence * (count > 0), before sampling and greedy.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
+    # Prompt scoring (`echo` with `max_tokens: 0`): the one token decoded is dropped, so it needs no cache slot
+    # and the prompt may fill the whole context.
+    score_only: bool = False
 
 
 @dataclass(frozen=True)

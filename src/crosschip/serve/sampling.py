@@ -119,6 +119,12 @@ class SlotTable:
         self.top_p = np.ones(num_slots, dtype=np.float32)
         self.seed = np.zeros(num_slots, dtype=np.uint64)
         self.step = np.zeros(num_slots, dtype=np.uint64)  # tokens sampled so far
+        self.frequency = np.zeros(num_slots, dtype=np.float32)
+        self.presence = np.zeros(num_slots, dtype=np.float32)
+        # [slots, V] counts of each slot's generated tokens, and logit biases; allocated when first used.
+        self.counts: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.biased = np.zeros(num_slots, dtype=bool)
 
     def set(self, slot: int, opts: SamplingOptions, seed: int, vocab_size: int) -> None:
         self.temperature[slot] = opts.temperature
@@ -126,27 +132,65 @@ class SlotTable:
         self.top_p[slot] = opts.top_p
         self.seed[slot] = normalize_seed(seed)
         self.step[slot] = 0
+        self.frequency[slot], self.presence[slot] = opts.frequency_penalty, opts.presence_penalty
+        if self.counts is None and (opts.frequency_penalty or opts.presence_penalty):
+            self.counts = torch.zeros(len(self.seed), vocab_size, dtype=torch.float32, device=self.device)
+        if self.counts is not None:
+            self.counts[slot] = 0
+        self.biased[slot] = bool(opts.logit_bias)
+        if self.bias is None and opts.logit_bias:
+            self.bias = torch.zeros(len(self.seed), vocab_size, dtype=torch.float32, device=self.device)
+        if self.bias is not None:
+            self.bias[slot] = 0
+            for token, bias in opts.logit_bias:
+                self.bias[slot, token] = bias
 
     def begin(self, slot: int, token: torch.Tensor, position: int) -> None:
         """After prefill: the first sampled token is pending at `position` (the prompt length)."""
         self.tokens[slot] = token.view(())
         self.positions[slot] = position
         self.step[slot] = 1
+        if self.counts is not None:
+            self.counts[slot, token.view(())] += 1
 
     def advance(self, n: int, ids: torch.Tensor) -> None:
         """After a decode step over slots 0..n-1 that sampled ids [n]."""
         self.tokens[:n] = ids
         self.positions[:n] += 1
         self.step[:n] += np.uint64(1)
+        if self.counts is not None:
+            self.counts[:n].scatter_add_(1, ids.view(-1, 1), torch.ones(n, 1, device=self.device))
 
     def move(self, src: int, dst: int) -> None:
-        for arr in (self.temperature, self.top_k, self.top_p, self.seed, self.step):
+        for arr in (self.temperature, self.top_k, self.top_p, self.seed, self.step, self.frequency, self.presence,
+                    self.biased):
             arr[dst] = arr[src]
+        for table in (self.counts, self.bias):
+            if table is not None:
+                table[dst] = table[src]
         self.tokens[dst] = self.tokens[src]
         self.positions[dst] = self.positions[src]
 
+    def penalize(self, logits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Logits plus each row's logit_bias, less its frequency x count and presence x (count > 0) of its
+        generated tokens.
+
+        OpenAI's definitions, applied as vLLM does (`apply_penalties`, model_executor/layers/utils.py; logit bias
+        in the v1 sampler): to the logits every sampler and greedy pick then sees; returned logprobs stay those
+        of the raw logits."""
+        frequency, presence = self.frequency[start:stop], self.presence[start:stop]
+        if self.bias is not None and self.biased[start:stop].any():
+            logits = logits.float() + self.bias[start:stop]
+        if self.counts is None or not (frequency.any() or presence.any()):
+            return logits
+        counts = self.counts[start:stop]
+        f = torch.from_numpy(frequency).to(logits.device)[:, None]
+        p = torch.from_numpy(presence).to(logits.device)[:, None]
+        return logits.float() - f * counts - p * (counts > 0).float()
+
     def sample(self, logits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Next ids for the sequences in slots start..stop-1 from their logits [stop-start, V]."""
+        logits = self.penalize(logits, start, stop)
         temperature = self.temperature[start:stop]
         if not temperature.any():
             return torch.argmax(logits, dim=-1)  # all greedy: no filters, no randomness

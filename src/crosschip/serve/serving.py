@@ -53,7 +53,9 @@ class _ServingBase:
         self.config = config
         self.metrics = metrics
         self.token_text = TokenText(tokenizer)
-        self.vocab_size = len(tokenizer)
+        # Token ids a request may name: those the model has logits for and the tokenizer knows (a tokenizer may
+        # count an added token the model's embedding lacks, or the reverse).
+        self.vocab_size = min(len(tokenizer), int(getattr(engine, "vocab_size", len(tokenizer))))
         eos = tokenizer.eos_token_id
         self.stop_token_ids: tuple[int, ...] = () if eos is None else (int(eos),)
 
@@ -62,17 +64,20 @@ class _ServingBase:
         return P.token_id_string if as_ids else self.token_text.text
 
     def check_common(self, req: P.SamplingFields, model: str, num_prompts: int) -> None:
-        if model != self.config.model_name:
-            raise bad_request(
-                f"model {model!r} does not exist; this server serves {self.config.model_name!r}",
-                "model",
-                code="model_not_found",
-            )
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(req, name) not in (None, 0.0):
-                raise bad_request(f"{name} is not supported (only 0)", name, code="unsupported_parameter")
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias", code="unsupported_parameter")
+        # An empty name means the served model, as in vLLM (`_is_model_supported`, entrypoints/serve/engine/
+        # serving.py): the schema allows "", and single-model clients send it.
+        if model and model != self.config.model_name:  # 404, as OpenAI and vLLM answer an unknown model
+            raise P.APIError(404, f"model {model!r} does not exist; this server serves {self.config.model_name!r}",
+                             param="model", code="model_not_found")
+        for name in ("max_tokens", "max_completion_tokens"):  # each bound by the context, as the schema says
+            value = getattr(req, name, None)
+            if value is not None and value > self.config.max_context:
+                raise bad_request(f"{name} is {value}; this model's context is {self.config.max_context} tokens",
+                                  name, code="context_length_exceeded")
+        out_of_vocab = [k for k in (req.logit_bias or {}) if int(k) >= self.vocab_size]
+        if out_of_vocab:  # vLLM refuses these too (v1 engine processor, `_validate_logit_bias`)
+            raise bad_request(f"logit_bias names token {out_of_vocab[0]}, outside this model's vocabulary of "
+                              f"{self.vocab_size}", "logit_bias")
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         limit = self.config.max_n
@@ -83,9 +88,14 @@ class _ServingBase:
         for s in req.stop_sequences():
             _check_utf8(s, "stop")
 
-    def max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str) -> int:
-        """Check prompt + max_tokens against the context; None means 'the rest of the context'."""
+    def max_tokens(self, requested: int | None, prompt_len: int, prompt_param: str, score_only: bool = False) -> int:
+        """Check prompt + max_tokens against the context; None means 'the rest of the context'.
+
+        `score_only` (echo with max_tokens 0): the prompt may fill the context, as lm-eval's rolling windows do;
+        the engine decodes one token that is dropped (and needs no cache slot)."""
         ctx = self.config.max_context
+        if score_only and prompt_len <= ctx:
+            return 1
         if prompt_len >= ctx:
             raise bad_request(
                 f"the prompt is {prompt_len} tokens; this model's context is {ctx} tokens (the "
@@ -111,6 +121,7 @@ class _ServingBase:
         i: int,
         logprobs: int | None,
         prompt_logprobs: int | None,
+        score_only: bool = False,
     ) -> SamplingOptions:
         top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
         return SamplingOptions(
@@ -122,6 +133,10 @@ class _ServingBase:
             stop_token_ids=() if req.ignore_eos else self.stop_token_ids,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            logit_bias=tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items()),
+            frequency_penalty=req.frequency_penalty or 0.0,
+            presence_penalty=req.presence_penalty or 0.0,
+            score_only=score_only,
         )
 
     def make_choices(
@@ -133,13 +148,14 @@ class _ServingBase:
         logprobs: int | None,
         prompt_logprobs: int | None,
         requested_max: int | None,
+        score_only: bool = False,
     ) -> list[Choice]:
         choices = []
         for p_idx, prompt in enumerate(prompts):
-            max_tokens = self.max_tokens(requested_max, len(prompt.ids), prompt_param)
+            max_tokens = self.max_tokens(requested_max, len(prompt.ids), prompt_param, score_only)
             for i in range(req.n):
                 index = p_idx * req.n + i
-                options = self.sampling(req, max_tokens, i, logprobs, prompt_logprobs)
+                options = self.sampling(req, max_tokens, i, logprobs, prompt_logprobs, score_only)
                 request = GenerationRequest(
                     f"{base_id}-{index}", prompt.ids, options, timeout_s=self.config.request_timeout_s
                 )
@@ -197,17 +213,14 @@ class OpenAIServingCompletion(_ServingBase):
         self.check_common(req, req.model, len(prompts))
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix", code="unsupported_parameter")
-        if req.best_of is not None and req.best_of != req.n:
-            raise bad_request(
-                "best_of other than n is not supported", "best_of", code="unsupported_parameter"
-            )
         if req.max_tokens == 0 and not req.echo:
             raise bad_request("max_tokens must be at least 1 (0 only with echo, to score the prompt)", "max_tokens")
         prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
         rid = _request_id("cmpl")
         # max_tokens 0: the engine still decodes one token (as vLLM does), which is not returned.
         requested = 1 if _echo_only(req) else req.max_tokens
-        choices = self.make_choices(req, prompts, rid, "prompt", req.logprobs, prompt_logprobs, requested)
+        choices = self.make_choices(req, prompts, rid, "prompt", req.logprobs, prompt_logprobs, requested,
+                                    score_only=_echo_only(req))
         run = self.new_run(choices, "prompt")
         streamed = await self.execute(req, run, rid)
         if streamed is not None:

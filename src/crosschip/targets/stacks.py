@@ -30,7 +30,7 @@ from crosschip.errors import CrosschipError
 
 STACK_NAMES = ("vllm", "vllm-ascend", "mindie", "transformers")
 ANY_TRANSFORMERS_CAUSAL_LM = "any-transformers-causal-lm"
-# crosschip.convert.layouts.LAYOUTS, spelled out so that loading a profile does not import the converter
+# crosschip.formats.layouts.LAYOUTS, spelled out so that loading a profile does not import the converter
 # (tests/test_targets.py checks the two agree).
 FORMAT_LAYOUTS: dict[str, tuple[str, ...]] = {
     "fp32": ("hf",), "bf16": ("hf",), "fp16": ("hf",), "fp8-block": ("deepseek-v3",),

@@ -42,6 +42,7 @@ class TrainConfig:
     overwrite: bool = False
     resume: bool = False
     time_budget_s: float | None = None  # stop early (and save) once training has run this long
+    min_steps: int = 0  # the time budget never stops the run before this step (the demo's quality floor)
     cache_dir: Path | None = None  # token shard cache; default <out>/../.crosschip-cache
     probe: str | None = None  # record per-module statistics: "stats" or "tensors" (crosschip.probe)
     probe_modules: str = "*"  # comma-separated globs over canonical module names
@@ -62,6 +63,8 @@ class TrainConfig:
             raise CrosschipError(f"--val-fraction must be in (0, 0.5) (got {self.val_fraction})", "pass e.g. 0.05")
         if self.resume and self.overwrite:
             raise CrosschipError("--resume and --overwrite contradict each other", "pass only one of them")
+        if not 0 <= self.min_steps <= self.steps:
+            raise CrosschipError(f"min_steps must be in [0, --steps] (got {self.min_steps})", "lower it")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise CrosschipError(f"stop_at must be in [1, --steps] (got {self.stop_at})", "pass a step of the run")
         self._validate_probe()

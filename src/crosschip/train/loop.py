@@ -236,7 +236,9 @@ class Trainer:
 
     def _over_budget(self, run_t0: float) -> bool:
         budget = self.cfg.time_budget_s
-        return budget is not None and time.perf_counter() - run_t0 > budget
+        if budget is None or self.step < self.cfg.min_steps:
+            return False
+        return time.perf_counter() - run_t0 > budget
 
     def _one_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         lr = lr_at(self.step, self.cfg.steps, self.cfg.lr, self.cfg.warmup_steps, self.cfg.min_lr_ratio)

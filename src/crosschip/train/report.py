@@ -48,7 +48,11 @@ class ConsoleReporter:
     """
 
     def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
-        self.console = console or Console(stderr=True)
+        if console is None:
+            from crosschip.cli_common import make_console
+
+            console = make_console(stderr=True)
+        self.console = console
         self.quiet = quiet
         self.progress: Progress | None = None
         self.task: Any = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from crosschip.data.corpus import iter_documents, list_data_files
 from crosschip.data.shards import TokenShards, build_shards
 from crosschip.data.tokenizer import load_tokenizer, train_tokenizer
 from crosschip.errors import CrosschipError
+from crosschip.fsio import scratch_dir
 from crosschip.models import build_model, get_preset
 from crosschip.train.config import TrainConfig
 from crosschip.train.state import LATEST_POINTER, complete_steps, step_dir_name
@@ -102,7 +102,7 @@ def prepare_tokenizer(cfg: TrainConfig, resume_step: int | None) -> Any:
         return tok
     # Trained in a scratch dir: the tokenizer lives in memory and ships inside every checkpoint,
     # and nothing is written under --out before all inputs are known to be good.
-    with tempfile.TemporaryDirectory(prefix="crosschip-tok-") as scratch:
+    with scratch_dir("crosschip-tokenizer") as scratch:
         return train_tokenizer(iter_documents(Path(cfg.data)), cfg.vocab_size, Path(scratch))
 
 

@@ -189,7 +189,7 @@ def _int8_mse_clip(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Ten
 
 def _fp8_pow2(w: torch.Tensor, scale_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 e4m3 with each 128x128 block's scale rounded up to a power of two."""
-    from crosschip.convert.quant import FP8_DTYPE, FP8_MAX, fp8_block_quantize
+    from crosschip.formats.quant import FP8_DTYPE, FP8_MAX, fp8_block_quantize
 
     _, scale = fp8_block_quantize(w)
     pow2 = torch.exp2(torch.ceil(torch.log2(scale)))

@@ -17,7 +17,6 @@ reference's own format needs no conversion (the golden is the reference run with
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import torch
 
 from crosschip import checkpoint
 from crosschip.errors import CrosschipError
+from crosschip.fsio import scratch_dir
 
 Log = Callable[[str], None]
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -88,7 +88,7 @@ def golden_checkpoint(ref_path: Path, target_path: Path, log: Log) -> Iterator[t
         info["path"] = str(ref.path)
         yield ref.path, info
         return
-    with tempfile.TemporaryDirectory(prefix="crosschip-golden-") as tmp:
+    with scratch_dir("crosschip-golden") as tmp:  # owner-tagged: a killed verify's copy is reclaimed next time
         out = Path(tmp) / "golden"
         log(f"golden: converting the reference to {spec.fmt} ({spec.layout}) from the target's {spec.basis}")
         dtype = _TORCH_DTYPES[spec.dtype] if spec.dtype else None

@@ -226,6 +226,7 @@ class CheckpointSide:
     ) -> None:
         from crosschip.checkpoint import load_model, load_tokenizer_if_present, runtime_versions, storage_format
         from crosschip.devices import resolve_device, torch_dtype
+        from crosschip.models import attention_of
         from crosschip.verify.emulate import format_numerics
 
         self.device = resolve_device(device)
@@ -245,6 +246,7 @@ class CheckpointSide:
             "sha256": _weight_sha256(self.checkpoint),
             "device": str(self.device),
             "dtype": dtype,
+            "attention": attention_of(self.model),  # sdpa, or eager where the class has no sdpa (Gemma2)
             "format": fmt,
             "layout": layout,
             "emulation": emulated,

@@ -41,8 +41,9 @@ from typing import Any
 
 import torch
 
-from crosschip.convert import policy
-from crosschip.convert.quant import (
+from crosschip.errors import CrosschipError
+from crosschip.formats import policy
+from crosschip.formats.quant import (
     FP8_BLOCK,
     FP8_DTYPE,
     RangeAudit,
@@ -58,7 +59,6 @@ from crosschip.convert.quant import (
     tensor_error,
     unpack_int32_to_int8,
 )
-from crosschip.errors import CrosschipError
 
 FORMATS = ("fp32", "bf16", "fp16", "fp8-block", "int8-w8a16", "int8-w8a8-dynamic")
 # First entry is the default --layout of each format.
