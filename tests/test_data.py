@@ -425,16 +425,37 @@ def test_state_dict_resume_is_exact() -> None:
         PackedBatches(_stream(501), batch_size=3, seq_len=5, seed=1).load_state_dict(state)
 
 
-def test_rank_sharding_is_disjoint() -> None:
-    world = 3
-    seen: list[set[int]] = []
-    for rank in range(world):
-        loader = PackedBatches(_stream(1001), batch_size=3, seq_len=10, seed=0, rank=rank, world_size=world)
-        assert loader.windows_per_rank == 33 and len(loader) == 11
-        starts = {int(x[i, 0]) for x, _ in (loader.next_batch() for _ in range(11)) for i in range(3)}
-        assert len(starts) == 33
-        seen.append(starts)
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+def _global_batches(world: int, grad_accum: int, steps: int, **kw: object) -> list[list[int]]:
+    """Window starts of each global batch, gathered from every rank's micro-batches in rank order."""
+    loaders = [PackedBatches(_stream(501), 2, 10, 3, rank, world, grad_accum, **kw) for rank in range(world)]
+    out = []
+    for _ in range(steps):
+        batch = [int(v) for ld in loaders for _ in range(grad_accum) for v in ld.next_batch()[0][:, 0]]
+        out.append(batch)
+    return out
+
+
+def test_global_batches_do_not_depend_on_the_world_size() -> None:
+    # Global batch of 8 windows: 1 rank x 4 micro-batches, 2 x 2, 4 x 1. 50 windows: epochs wrap mid-batch.
+    one = _global_batches(1, 4, 20)
+    assert _global_batches(2, 2, 20) == one and _global_batches(4, 1, 20) == one
+    epoch0 = [w for b in one[:7] for w in b][:50]
+    assert sorted(epoch0) == [10 * i for i in range(50)]  # the first epoch visits every window once
+
+
+def test_resharded_resume_continues_the_same_global_order() -> None:
+    ref = _global_batches(1, 4, 12)
+    two = [PackedBatches(_stream(501), 2, 10, 3, rank, 2, 2) for rank in range(2)]
+    for _ in range(5):
+        for ld in two:
+            ld.next_batch(), ld.next_batch()
+    state = json.loads(json.dumps(two[0].state_dict()))
+    assert state == two[1].state_dict()  # one saved state serves every rank
+    one = PackedBatches(_stream(501), 2, 10, 3, 0, 1, 4)
+    one.load_state_dict(state)
+    assert [[int(v) for _ in range(4) for v in one.next_batch()[0][:, 0]] for _ in range(7)] == ref[5:]
+    with pytest.raises(CrosschipError, match="global_batch"):
+        PackedBatches(_stream(501), 2, 10, 3, 0, 1, 2).load_state_dict(state)
     with pytest.raises(CrosschipError):
         PackedBatches(_stream(1001), batch_size=3, seq_len=10, seed=0, rank=3, world_size=3)
 

@@ -350,12 +350,15 @@ def write_checkpoint(
     shard_size: str | int = "2GB",
     overwrite: bool = False,
     extra: Callable[[Path], None] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save an HF checkpoint + manifest atomically; `extra(tmp)` may add sibling files first."""
+    """Save an HF checkpoint + manifest atomically; `extra(tmp)` may add sibling files first.
+
+    `state_dict` replaces the model's own tensors (a sharded model's gathered full weights)."""
     with atomic_dir(Path(out_dir), overwrite=overwrite) as tmp:
         model_dir = tmp if extra is None else tmp / "model"
         model_dir.mkdir(exist_ok=True)
-        model.save_pretrained(model_dir, max_shard_size=shard_size)
+        model.save_pretrained(model_dir, max_shard_size=shard_size, state_dict=state_dict)
         _ensure_index(model_dir)
         if tokenizer is not None:  # tokenizer_config.json then says whether it adds BOS (transformers 5 drops it)
             from crosschip.data.tokenizer import save_tokenizer
@@ -365,7 +368,7 @@ def write_checkpoint(
         summary = {
             "architecture": type(model).__name__,
             "model_type": model.config.model_type,
-            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "num_parameters": sum(p.numel() for p in model.parameters()),  # global numel, sharded or not
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         }
         atomic_write_json(model_dir / MANIFEST_NAME, build_manifest(model_dir, provenance, summary))

@@ -77,7 +77,13 @@ def train(
     precision: Annotated[str, typer.Option(help="fp32, bf16, fp16, or auto (the device's fast default).")] = "auto",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per rank and optimizer step.")] = 1,
+    global_batch: Annotated[int | None, typer.Option(help=(
+        "Sequences per optimizer step over all ranks; sets --grad-accum to global / (batch size x ranks). "
+        "A resumed run keeps its own global batch on any number of ranks."))] = None,
+    parallel: Annotated[str, typer.Option(help=(
+        "Under torchrun: ddp or fsdp (FSDP2, fully_shard per decoder block). auto = ddp with several "
+        "ranks, one plain process otherwise."))] = "auto",
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 3e-3,
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 20,
@@ -90,7 +96,8 @@ def train(
     vocab_size: Annotated[int, typer.Option(help="Vocabulary of a newly trained tokenizer.")] = 4096,
     tokenizer: Annotated[Path | None, typer.Option(help="Reuse a tokenizer directory.")] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: torch's).")] = None,
+    threads: Annotated[int | None, typer.Option(help=(
+        "CPU threads per process (default: torch's; under torchrun, cores / local ranks)."))] = None,
     shard_size: Annotated[str, typer.Option(help="Max safetensors shard size, e.g. 2GB.")] = "2GB",
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
@@ -102,22 +109,31 @@ def train(
         help="Steps to probe, e.g. 1-100,200,300- (default: every step).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a model (preset or checkpoint) on any torch device; save hand-off checkpoints."""
+    """Train a model (preset or checkpoint) on any torch device; save hand-off checkpoints.
+
+    One process as it stands; many under torchrun, e.g.
+    torchrun --nproc_per_node 2 -m crosschip train --parallel fsdp ...
+    """
     from crosschip.train.config import TrainConfig
     from crosschip.train.loop import train as run_train
+    from crosschip.train.parallel import launch_env
     from crosschip.train.report import ConsoleReporter
 
     cfg = TrainConfig(
         data=data, model=model, out=out_dir, device=device, precision=precision, steps=steps,
-        batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
+        batch_size=batch_size, grad_accum=grad_accum, global_batch=global_batch, parallel=parallel,
+        seq_len=seq_len, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, save_every=save_every,
         log_every=log_every, seed=seed, vocab_size=vocab_size, tokenizer=tokenizer, compile=compile_model,
         threads=threads, shard_size=shard_size, resume=resume, overwrite=overwrite,
         probe=probe, probe_modules=probe_modules, probe_steps=probe_steps,
     )
-    result = run_train(cfg, ConsoleReporter())
+    main = launch_env().is_main
+    result = run_train(cfg, ConsoleReporter(quiet=not main))  # one voice per job: rank 0's
     summary = {k: v for k, v in vars(result).items() if k != "history"}
-    if json_out:
+    if not main:
+        pass
+    elif json_out:
         _print_json(summary)
     else:
         val = f"{result.val_loss:.4f}" if result.val_loss is not None else "-"

@@ -63,6 +63,8 @@ def print_error(problem: str) -> None:
     # A Text, not markup: messages quote user paths/values, and '[/x]' or ':smile:' in them must print
     # verbatim (markup would raise MarkupError). soft_wrap + joined lines: the error stays one line.
     message = " ".join(problem.splitlines())
+    if os.environ.get("RANK", "0") != "0":  # a torchrun job: every rank exits non-zero, rank 0 says why
+        message = f"[rank {os.environ['RANK']}] {message}"
     err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
 
 

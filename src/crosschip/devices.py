@@ -158,6 +158,29 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(kind, index)
 
 
+# torch.distributed backend per device kind: gloo on CPU, the vendor's collective library elsewhere.
+_DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl", "xpu": "xccl"}
+
+
+def dist_backend(device: torch.device) -> str:
+    """The process-group backend for `device` (hccl comes with torch_npu, imported by _module)."""
+    backend = _DIST_BACKENDS.get(device.type)
+    if backend is None:
+        raise CrosschipError(f"no torch.distributed backend for {device.type}", "train on cpu, cuda or npu")
+    return backend
+
+
+def local_device(spec: str, local_rank: int) -> torch.device:
+    """The device of a torchrun worker: an accelerator kind without an index takes the local rank's."""
+    parsed = parse_device(spec)
+    device = resolve_device(spec)
+    if device.type in _INDEXED_KINDS and parsed.index is None:
+        device = resolve_device(f"{device.type}:{local_rank}")
+    if device.type in _INDEXED_KINDS:
+        _module(device.type).set_device(device)  # type: ignore[union-attr]
+    return device
+
+
 def _current_index(kind: str) -> int:
     mod = _module(kind)
     current = getattr(mod, "current_device", None)

@@ -19,6 +19,8 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
+    global_batch: int | None = None  # sequences per optimizer step over all ranks; sets grad_accum per rank
+    parallel: str = "auto"  # auto | none | ddp | fsdp (auto: ddp under torchrun with several ranks)
     seq_len: int = 256
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -55,6 +57,11 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 flag = f"--{name.replace('_', '-')}"
                 raise CrosschipError(f"{flag} must be >= 1 (got {getattr(self, name)})", f"pass {flag} 1 or more")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise CrosschipError(f"--global-batch must be >= 1 (got {self.global_batch})", "pass 1 or more")
+        if self.global_batch is not None and self.grad_accum != 1:
+            raise CrosschipError("--global-batch and --grad-accum both set the accumulation",
+                                 "pass only --global-batch (grad_accum = global batch / (batch size x ranks))")
         if not 0 < self.lr < 1:
             raise CrosschipError(f"--lr must be in (0, 1) (got {self.lr})", "pass e.g. --lr 3e-4")
         if self.warmup_steps < 0:

@@ -1,7 +1,8 @@
 """The training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, exact resume.
 
-Written for one process today and torchrun tomorrow: rank and world size come from the
-environment, the data is sharded by rank, and only rank 0 logs and saves.
+One process, or torchrun workers under DDP or FSDP2 (crosschip.train.parallel): every rank runs the
+same steps on its slice of one global batch, saves its shard of the state (DCP), and stops at the
+same step; rank 0 alone logs and writes the hand-off checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from transformers import PreTrainedModel
 from crosschip import devices
 from crosschip.checkpoint import write_checkpoint
 from crosschip.data.loader import PackedBatches, eval_batches
+from crosschip.errors import CrosschipError
+from crosschip.train import parallel
 from crosschip.train.config import TrainConfig
 from crosschip.train.report import Reporter
 from crosschip.train.schedule import lr_at
@@ -34,7 +37,17 @@ from crosschip.train.setup import (
     prepare_inputs,
     resume_step_of,
 )
-from crosschip.train.state import dist_info, load_train_state, mark_latest, prune, save_train_state, step_dir_name
+from crosschip.train.state import (
+    complete_steps,
+    load_legacy_state,
+    load_meta,
+    load_rng,
+    load_sharded,
+    mark_latest,
+    prune,
+    save_train_state,
+    step_dir_name,
+)
 
 if TYPE_CHECKING:
     from crosschip.probe.record import Recorder
@@ -87,24 +100,28 @@ def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
 def train_step(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, loader: PackedBatches,
     cfg: TrainConfig, device: torch.device, precision: str, after_unscale: Callable[[], None] | None = None,
+    mode: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) as tensors.
+    """One optimizer step over grad_accum micro-batches; returns (this rank's mean loss, grad norm).
 
-    `after_unscale` (the probe's gradient statistics) sees the true gradients: summed over the
-    micro-batches, unscaled, before clipping and the optimizer step.
+    Each micro-batch loss is divided by grad_accum and DDP/FSDP2 average over ranks, so the gradient
+    is the mean over the whole global batch. `after_unscale` (the probe's gradient statistics) sees
+    the true gradients: summed over the micro-batches, unscaled, before clipping and the step.
     """
     total = torch.zeros((), device=device)
-    for _ in range(cfg.grad_accum):
+    amp = parallel.autocast_precision(mode, precision)
+    for micro in range(cfg.grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
-        with devices.autocast(device, precision):
-            loss = lm_loss(model, x, y) / cfg.grad_accum
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        with parallel.micro_sync(model, mode, last=micro == cfg.grad_accum - 1):
+            with devices.autocast(device, amp):
+                loss = lm_loss(model, x, y) / cfg.grad_accum
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
     if scaler is not None:
         scaler.unscale_(optimizer)
     if after_unscale is not None:
         after_unscale()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = parallel.full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -120,7 +137,7 @@ def evaluate(model: torch.nn.Module, tokens: Any, cfg: TrainConfig, device: torc
     model.eval()
     losses = []
     for x, y in eval_batches(tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
-        with devices.autocast(device, precision):
+        with devices.autocast(device, precision):  # every rank scores the same windows: FSDP2 needs them all
             losses.append(lm_loss(model, x.to(device), y.to(device)).item())
     model.train()
     return sum(losses) / max(1, len(losses))
@@ -132,49 +149,90 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, reporter: Reporter) -> None:
         cfg.validate()
         self.cfg, self.reporter = cfg, reporter
-        self.rank, self.world_size = dist_info()
-        self.device = devices.resolve_device(cfg.device)
+        self.launch = parallel.launch_env()
+        self.rank, self.world_size = self.launch.rank, self.launch.world_size
+        self.mode = parallel.resolve_mode(cfg.parallel, self.launch)  # bad input fails on every rank alike
+        launch = self.launch
+        self.device = devices.local_device(cfg.device, launch.local_rank) if launch.torchrun else \
+            devices.resolve_device(cfg.device)
         self.precision = devices.default_precision(self.device) if cfg.precision == "auto" else cfg.precision
         devices.check_precision(self.device, self.precision)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        parallel.check_precision(self.mode, self.precision)
+        threads = cfg.threads or (parallel.default_threads(self.launch) if self.launch.torchrun else None)
+        if threads:
+            torch.set_num_threads(threads)
         self.out = Path(cfg.out)
         check_inputs(cfg)  # fail on bad data or model before anything is written
-        resume_step = resume_step_of(cfg)
+        resume_step = self._resume_step()
+        state_dir = self.out / step_dir_name(resume_step) / "train_state" if resume_step is not None else None
+        self.meta = load_meta(state_dir) if state_dir is not None else None
+        cfg.grad_accum = accumulation(cfg, self.world_size, self.meta, reporter.log)
+        parallel.init_group(self.device, self.launch)
         self.inputs: RunInputs = prepare_inputs(cfg, resume_step, reporter.log)
         if cfg.probe:
             from crosschip.probe.record import select_modules
 
             select_modules(self.inputs.model, cfg.probe_modules)  # a glob matching nothing fails before any write
-        open_out_dir(cfg, resume_step)
+        if self.rank == 0:
+            open_out_dir(cfg, resume_step)
+        parallel.barrier()
         self.model = self.inputs.model.to(self.device)
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        wrapped = parallel.wrap(self.model, self.mode, self.device, self.precision)
+        self.step_model = torch.compile(wrapped) if cfg.compile else wrapped
+        self.optimizer = make_optimizer(self.model, cfg, self.device)  # after fully_shard: over the shards
         self.scaler = devices.make_grad_scaler(self.device, self.precision)
-        self.loader = PackedBatches(
-            self.inputs.shards.train, cfg.batch_size, cfg.seq_len, cfg.seed, self.rank, self.world_size
-        )
+        self.loader = PackedBatches(self.inputs.shards.train, cfg.batch_size, cfg.seq_len, cfg.seed, self.rank,
+                                    self.world_size, cfg.grad_accum)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.last_loss, self.last_val = float("nan"), None
+        self.segments: list[dict[str, Any]] = []
         self.recorder: Recorder | None = None  # exists only inside run(), with --probe
-        if resume_step is not None:
-            self._restore(resume_step)
+        if state_dir is not None:
+            self._restore(state_dir)
+        self.segments.append({
+            "start_step": self.step, "end_step": self.step, "world_size": self.world_size, "parallel": self.mode,
+            "device": self.device.type, "device_name": devices.device_name(self.device), "precision": self.precision,
+        })
 
-    def _restore(self, step: int) -> None:
-        state = load_train_state(self.out / step_dir_name(step) / "train_state")
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        devices.set_rng_state(self.device, state["rng"])
-        self.loader.load_state_dict(state["loader"])
-        self.step, self.tokens_seen, self.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
-        self.last_loss, self.last_val = state["last_loss"], state["last_val"]
-        _truncate_metrics(self.out / METRICS_FILE, step)
-        if (self.out / PROBE_DIR).is_dir():
-            from crosschip.probe.store import truncate
+    def _resume_step(self) -> int | None:
+        """--resume's step; after a torchrun restart, the last complete save (or a fresh start) by itself."""
+        cfg = self.cfg
+        if self.launch.restart > 0 and not cfg.resume:
+            steps = complete_steps(self.out)
+            cfg.resume, cfg.overwrite = bool(steps), not steps  # the out dir is this run's own first attempt
+            where = f"from step {steps[-1]}" if steps else "from the start (no complete save yet)"
+            self.reporter.log(f"torchrun restart {self.launch.restart}: resuming {where}")
+        return resume_step_of(cfg)
 
-            truncate(self.out, step)  # with or without --probe now: recorded steps after `step` are stale
-        self.reporter.log(f"resumed from {self.out / step_dir_name(step)} at step {step}")
+    def _restore(self, state_dir: Path) -> None:
+        if self.meta is None:  # a single-process run saved before sharded checkpoints
+            if self.mode != "none":
+                raise CrosschipError(f"{state_dir} predates sharded checkpoints: it resumes in one process only",
+                                     "resume without torchrun, then save once to convert it")
+            state = load_legacy_state(state_dir)
+            self.optimizer.load_state_dict(state["optimizer"])
+            rng, meta = state["rng"], state
+        else:
+            load_sharded(state_dir, self.model, self.optimizer)
+            rng, meta = load_rng(state_dir, self.rank), self.meta
+            self.segments = list(meta.get("segments", []))
+        if self.scaler is not None and meta.get("scaler") is not None:
+            self.scaler.load_state_dict(meta["scaler"])
+        if rng is not None:
+            devices.set_rng_state(self.device, rng)
+        else:  # a rank the saved run did not have: a fresh generator of its own
+            torch.manual_seed(self.cfg.seed * 100_003 + meta["step"] * 1009 + self.rank)
+        self.loader.load_state_dict(meta["loader"])
+        self.step, self.tokens_seen, self.elapsed = meta["step"], meta["tokens_seen"], meta["elapsed"]
+        self.last_loss, self.last_val = meta["last_loss"], meta["last_val"]
+        if self.rank == 0:
+            _truncate_metrics(self.out / METRICS_FILE, self.step)
+            if (self.out / PROBE_DIR).is_dir():
+                from crosschip.probe.store import truncate
+
+                truncate(self.out, self.step)  # with or without --probe now: recorded steps after it are stale
+        parallel.barrier()
+        self.reporter.log(f"resumed from {state_dir.parent} at step {self.step}")
 
     def provenance(self) -> dict[str, Any]:
         shards_meta = self.inputs.shards.meta
@@ -182,6 +240,8 @@ class Trainer:
             "device": {"kind": self.device.type, "name": devices.device_name(self.device), "spec": self.cfg.device},
             "precision": self.precision,
             "world_size": self.world_size,
+            "parallel": self.mode,
+            "segments": self.segments,
             "steps": self.step,
             "tokens_seen": self.tokens_seen,
             "data_fingerprint": shards_meta.get("data_fingerprint"),
@@ -192,32 +252,48 @@ class Trainer:
             "train_config": self.cfg.to_dict(),
         }
 
-    def save(self) -> Path:
-        """Save weights + training state as one atomic step directory, then point `latest` at it."""
-        if self.rank != 0:
-            return self.out / step_dir_name(self.step) / "model"
-        state = {
+    def _meta(self) -> dict[str, Any]:
+        return {
             "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
             "last_loss": self.last_loss, "last_val": self.last_val,
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": devices.get_rng_state(self.device),
-            "loader": self.loader.state_dict(),
+            "loader": self.loader.state_dict(), "global_batch": self.loader.global_batch,
+            "world_size": self.world_size, "parallel": self.mode, "segments": self.segments,
         }
+
+    def save(self) -> Path:
+        """Save weights + training state as one atomic step directory, then point `latest` at it.
+
+        Every rank takes part: the full state dict is gathered to rank 0 (CPU offload, one copy), rank 0
+        opens the temp directory and shares its name, all ranks write their DCP shards into it, and rank 0
+        renames it into place once all have finished. A kill at any point leaves no complete-looking step.
+        """
+        self.segments[-1]["end_step"] = self.step
         if self.recorder is not None:
             self.recorder.flush()  # before the checkpoint: a resume from it truncates, never misses, rows
+        full = export_state_dict(self.model, self.mode)  # collective under FSDP2
         final = self.out / step_dir_name(self.step)
-        write_checkpoint(
-            final, self.model, self.inputs.tokenizer, self.provenance(), self.cfg.shard_size, overwrite=True,
-            extra=lambda tmp: save_train_state(tmp / "train_state", state),
-        )
-        mark_latest(self.out, self.step)
-        prune(self.out, self.cfg.keep)
+        rng = devices.get_rng_state(self.device)
+
+        def write_state(tmp: Path | None) -> None:
+            tmp = parallel.broadcast_object(tmp)
+            meta = self._meta() if self.rank == 0 else None
+            save_train_state(tmp / "train_state", self.model, self.optimizer, self.rank, rng, meta)
+            parallel.barrier()  # every shard is on disk before rank 0 fsyncs and renames
+
+        if self.rank == 0:
+            write_checkpoint(final, self.model, self.inputs.tokenizer, self.provenance(), self.cfg.shard_size,
+                             overwrite=True, extra=write_state, state_dict=full)
+            mark_latest(self.out, self.step)
+            prune(self.out, self.cfg.keep)
+        else:
+            write_state(None)
+        parallel.barrier()  # no rank runs ahead of a save that is not yet in place
         return final / "model"
 
     def _log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, window: tuple[float, int],
                   with_eval: bool) -> dict:
-        self.last_loss = loss.item()
+        self.last_loss = parallel.mean_across_ranks(loss).item()  # the global batch's loss, on every rank
         t0, tokens0 = window
         dt = max(time.perf_counter() - t0, 1e-9)
         row = {
@@ -226,7 +302,9 @@ class Trainer:
             "elapsed_s": round(self.elapsed, 3),
         }
         if with_eval:
-            self.last_val = evaluate(self.step_model, self.inputs.shards.val, self.cfg, self.device, self.precision)
+            eval_model = self.step_model if self.mode == "none" else self.model  # DDP's forward would sync
+            amp = parallel.autocast_precision(self.mode, self.precision)
+            self.last_val = evaluate(eval_model, self.inputs.shards.val, self.cfg, self.device, amp)
             row["val_loss"] = round(self.last_val, 6)
             row["val_ppl"] = round(float(torch.tensor(self.last_val).exp()), 3)
         if self.rank == 0:
@@ -249,7 +327,7 @@ class Trainer:
             rec.begin_step(self.step + 1)
         loss, grad_norm = train_step(
             self.step_model, self.optimizer, self.scaler, self.loader, self.cfg, self.device, self.precision,
-            rec.record_grads if rec is not None else None,
+            rec.record_grads if rec is not None else None, self.mode,
         )
         self.step += 1
         if rec is not None:
@@ -259,13 +337,16 @@ class Trainer:
         return loss, grad_norm, lr
 
     def _open_recorder(self) -> Recorder | None:
-        """The probe's recorder (--probe, rank 0), opened per run(): hooks added before run() fire before its own."""
-        if not self.cfg.probe or self.rank != 0:
+        """The probe's recorder (--probe; every rank records its own), opened per run()."""
+        if not self.cfg.probe:
             return None
         from crosschip.probe.record import ProbeConfig, Recorder
 
         probe = ProbeConfig(self.cfg.probe, self.cfg.probe_modules, self.cfg.probe_steps)
-        return Recorder(self.model, probe, self.out, self.device, self.precision, self.scaler)
+        if self.world_size == 1:
+            return Recorder(self.model, probe, self.out, self.device, self.precision, self.scaler)
+        return Recorder(self.model, probe, self.out, self.device, self.precision, self.scaler,
+                        rank=self.rank, world_size=self.world_size)
 
     def run(self) -> TrainResult:
         """Train to cfg.steps (or stop_at); a signal or the time budget ends the run early, always with a save."""
@@ -287,15 +368,16 @@ class Trainer:
         with stop_on_signals() as received:
             while self.step < last and stopped_by is None:
                 loss, grad_norm, lr = self._one_step()
-                out_of_time = self._over_budget(run_t0)
-                final = self.step == last or out_of_time or bool(received)
+                # One decision for all ranks: a signal or the clock on any rank stops every rank here.
+                signalled, out_of_time = parallel.any_rank([bool(received), self._over_budget(run_t0)], self.device)
+                final = self.step == last or out_of_time or signalled
                 eval_due = final or self.step % cfg.eval_every == 0
                 if eval_due or self.step % cfg.log_every == 0:
                     history.append(self._log_step(loss, grad_norm, lr, window, with_eval=eval_due))
                     self.reporter.update(self.step, history[-1])
                     window = (time.perf_counter(), self.tokens_seen)
-                if received:
-                    stopped_by = signal.Signals(received[0]).name
+                if signalled:
+                    stopped_by = signal.Signals(received[0]).name if received else "signal on another rank"
                 elif out_of_time:
                     stopped_by = "time budget"
                 elif self.step % cfg.save_every == 0 and not final:
@@ -308,6 +390,31 @@ class Trainer:
             (self.tokens_seen - tokens0) / step_time, time.perf_counter() - run_t0, str(self.device),
             self.precision, stopped_by, history,
         )
+
+
+def accumulation(cfg: TrainConfig, world_size: int, meta: dict[str, Any] | None, log: Callable[[str], None]) -> int:
+    """Micro-batches per rank and step, so the global batch is --global-batch, or the resumed run's."""
+    per_step = cfg.batch_size * world_size
+    saved = meta.get("global_batch") if meta else None
+    target = cfg.global_batch if cfg.global_batch is not None else saved
+    if target is None:
+        return cfg.grad_accum
+    if target % per_step:
+        raise CrosschipError(
+            f"a global batch of {target} sequences is not a multiple of --batch-size {cfg.batch_size} "
+            f"x {world_size} rank(s)", "pass a --batch-size and rank count whose product divides it")
+    if cfg.global_batch is None and target // per_step != cfg.grad_accum:
+        log(f"global batch {target} kept from the saved run: {target // per_step} micro-batch(es) per rank")
+    return target // per_step
+
+
+def export_state_dict(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
+    """The full, unsharded weights for the HF checkpoint: rank 0 receives them on the CPU, one copy."""
+    if mode == "none":
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -323,4 +430,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: TrainConfig, reporter: Reporter) -> TrainResult:
-    return Trainer(cfg, reporter).run()
+    try:
+        return Trainer(cfg, reporter).run()
+    finally:
+        parallel.shutdown()

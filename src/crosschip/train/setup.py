@@ -18,6 +18,7 @@ from crosschip.data.tokenizer import load_tokenizer, train_tokenizer
 from crosschip.errors import CrosschipError
 from crosschip.fsio import scratch_dir
 from crosschip.models import build_model, get_preset
+from crosschip.train import parallel
 from crosschip.train.config import TrainConfig
 from crosschip.train.state import LATEST_POINTER, complete_steps, step_dir_name
 
@@ -135,9 +136,15 @@ def prepare_model(cfg: TrainConfig, tokenizer: Any, resume_step: int | None) -> 
 
 
 def prepare_inputs(cfg: TrainConfig, resume_step: int | None, log: Callable[[str], None]) -> RunInputs:
-    tokenizer = prepare_tokenizer(cfg, resume_step)
+    """Under torchrun rank 0 trains the tokenizer and fills the shard cache; the others then share them."""
+    main = parallel.rank() == 0
+    tokenizer = parallel.broadcast_object(prepare_tokenizer(cfg, resume_step) if main else None)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    if not main:
+        parallel.barrier()  # rank 0 has built (or found) the shards: these ranks read its cache
     shards = build_shards(Path(cfg.data), tokenizer, cache, cfg.val_fraction, cfg.seed, progress=None)
-    log(f"data: {len(shards.train):,} train / {len(shards.val):,} val tokens ({shards.root})")
-    model, source = prepare_model(cfg, tokenizer, resume_step)
+    if main:
+        parallel.barrier()
+        log(f"data: {len(shards.train):,} train / {len(shards.val):,} val tokens ({shards.root})")
+    model, source = prepare_model(cfg, tokenizer, resume_step)  # the same seed: identical on every rank
     return RunInputs(tokenizer, shards, model, source)
