@@ -78,8 +78,17 @@ def default_threads(launch: Launch) -> int:
 
 
 def init_group(device: torch.device, launch: Launch) -> None:
-    if launch.torchrun and not dist.is_initialized():
-        dist.init_process_group(devices.dist_backend(device), timeout=COLLECTIVE_TIMEOUT)
+    """The default process group, its store keys scoped to this torchrun attempt.
+
+    torchrun's agent keeps one store across restarts: without the prefix a restarted worker can read
+    a dead worker's gloo address from the previous attempt and fail to connect (seen here, 1 in 3).
+    """
+    if not launch.torchrun or dist.is_initialized():
+        return
+    store, rank, world = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
+    store = dist.PrefixStore(f"crosschip/attempt-{launch.restart}", store)
+    dist.init_process_group(devices.dist_backend(device), store=store, rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
 
 
 def shutdown() -> None:

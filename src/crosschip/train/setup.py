@@ -118,7 +118,11 @@ def prepare_model(cfg: TrainConfig, tokenizer: Any, resume_step: int | None) -> 
     if resume_step is not None:
         path = Path(cfg.out) / step_dir_name(resume_step) / "model"
         model, ckpt = checkpoint.load_model(path)
-        return model.train(), (ckpt.manifest or {}).get("provenance", {}).get("model_source", {})
+        source = (ckpt.manifest or {}).get("provenance", {}).get("model_source", {})
+        if cfg.model in _preset_names() and source.get("preset") not in (None, cfg.model):
+            raise CrosschipError(f"--resume: {cfg.out} trained the {source['preset']} preset, not {cfg.model}",
+                                 f"pass --model {source['preset']} to continue it, or choose another --out")
+        return model.train(), source
     if cfg.model in _preset_names():
         preset = get_preset(cfg.model)
         special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
