@@ -25,24 +25,30 @@ the NaN origin never is ambiguous.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from crosschip.errors import CrosschipError
 from crosschip.probe.compare import (
     _KIND_RANK,
     DEFAULT_MARGIN,
+    FLOAT_STATS,
     UNIT_ROUNDOFF,
     Divergence,
     Origin,
+    _align,
     _compare_rows,
     _first_divergence,
     _first_nonfinite_loss,
     _load,
-    _noise_rel,
     _precision,
+    _rel_diff,
     _Run,
+    _scale,
     _subset,
     check_margin,
     nonfinite_origin,
@@ -50,6 +56,7 @@ from crosschip.probe.compare import (
 )
 
 CROSS_RANK_COUNTS = ("nan", "inf")
+MIN_SPREAD_STEPS = 5  # fewer clean steps give no usable median: those outputs are judged on NaN/Inf counts only
 
 
 @dataclass
@@ -74,6 +81,7 @@ class RankPair:
     divergent_rows: int
     compared: list[str]  # the kinds compared: output, and grad unless the grads are local shards
     first_divergence: Divergence | None
+    outputs_counts_only: list[str]  # modules with < MIN_SPREAD_STEPS clean steps: outputs judged on NaN/Inf only
 
 
 @dataclass
@@ -124,17 +132,40 @@ def _summary(run: _Run) -> RankSummary:
                        loss_nonfinite_step=_first_nonfinite_loss(run))
 
 
+def _spread(a: _Run, b: _Run) -> dict[tuple[str, str], np.ndarray]:
+    """(module, output) -> the spread of each FLOAT_STATS between the two ranks: the larger of the median over
+    steps of |a - b| / scale(a) of that module and the same median over every module (a statistic nearly
+    independent of the data, like an RMSNorm output's l2, would otherwise get a tolerance its rare
+    data-dependent steps exceed). Only steps where neither holds a NaN/Inf count: after a NaN has spread,
+    both ranks are NaN alike (a difference of 0), which must not shrink the spread. With fewer than
+    MIN_SPREAD_STEPS such steps the spread is inf: those floats are not judged."""
+    ia, ib = _align(a, b)
+    clean = (a.cols["nan"][ia] + a.cols["inf"][ia] + b.cols["nan"][ib] + b.cols["inf"][ib]) == 0
+    rel = np.stack([_rel_diff(a.cols[s][ia], b.cols[s][ib], _scale(a, ia, s)) for s in FLOAT_STATS], 1)
+    rel[~clean] = np.nan
+    groups: dict[tuple[str, str], list[int]] = {}
+    for j, i in enumerate(ia.tolist()):
+        if a.cols["kind"][i] == "output":  # grads: absent = the precision floor alone
+            groups.setdefault((a.cols["module"][i], "output"), []).append(j)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN: no finite step, the floor alone
+        outputs = [j for idx in groups.values() for j in idx]
+        pooled = np.nan_to_num(np.nanmedian(rel[outputs], axis=0), nan=0.0) if outputs else 0.0
+        return {key: np.fmax(np.nanmedian(rel[idx], axis=0), pooled) if clean[idx].sum() >= MIN_SPREAD_STEPS
+                else np.full(len(FLOAT_STATS), np.inf) for key, idx in groups.items()}
+
+
 def _pair(ref: _Run, other: _Run, margin: float, unit: float) -> RankPair:
     """Outputs against their own cross-rank spread; full grads against the floor; local-shard grads not at all."""
     shards = "local shard" in (ref.manifest.get("grad_scope"), other.manifest.get("grad_scope"))
     kinds = ["output"] if shards else ["output", "grad"]
     a, b = _subset(ref, kinds), _subset(other, kinds)
-    spread, _ = _noise_rel(a, b)
-    noise = {key: med for key, med in spread.items() if key[1] == "output"}  # grads: absent = floor only
-    al = _compare_rows(a, b, noise, margin, unit, CROSS_RANK_COUNTS)
+    spread = _spread(a, b)
+    al = _compare_rows(a, b, spread, margin, unit, CROSS_RANK_COUNTS)
     div, n_bad = _first_divergence(a, b, al)
+    unjudged = sorted(m for (m, _), med in spread.items() if np.isinf(med).all())
     return RankPair(rank=other.rank, aligned_rows=int(al.ia.size), divergent_rows=n_bad, compared=kinds,
-                    first_divergence=div)
+                    first_divergence=div, outputs_counts_only=unjudged)
 
 
 def _first_nonfinite(summaries: list[RankSummary]) -> RankFinding | None:
@@ -193,6 +224,9 @@ def compare_ranks(run: Path, *, reference: int = 0, margin: float = DEFAULT_MARG
         reasons.append(f"first non-finite loss: rank {rank}, step {step}")
     world = {int(r.manifest.get("world_size", 1)) for r in runs}
     notes = [] if world == {len(runs)} else [f"manifests say world size {sorted(world)}, {len(runs)} ranks recorded"]
+    if any(p.outputs_counts_only for p in pairs):
+        notes.append(f"outputs of modules with fewer than {MIN_SPREAD_STEPS} steps free of NaN/Inf on both ranks are "
+                     "judged on their NaN/Inf counts only (too few steps for a spread)")
     if any(p.compared == ["output"] for p in pairs):
         notes.append("gradients are local shards (FSDP2): not compared between ranks, only checked for NaN/Inf")
     return RankComparison(
