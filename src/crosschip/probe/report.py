@@ -3,8 +3,8 @@ first divergence and NaN/Inf origins) and short terminal tables.
 
 report.json schema (PROBE_REPORT_SCHEMA_VERSION = 1): schema_version, crosschip_version, created (UTC ISO),
 then every field of ProbeComparison.to_dict(): run_a / run_b (path, device, precision, mode, rows, steps,
-modules, nonfinite_origin, overflow_origin, loss_nonfinite_step), noise, margin, unit_roundoff,
-coarser_precision, aligned_rows, aligned_steps, only_in_a / only_in_b, first_divergence, divergent_rows,
+modules, nonfinite_origin, overflow_origin, loss_nonfinite_step, rank, world_size, grad_scope), noise, margin,
+unit_roundoff, coarser_precision, aligned_rows, aligned_steps, only_in_a / only_in_b, first_divergence, divergent_rows,
 verdict ("match" | "diverged"), reasons, loss, drift, worst, noise_rel, notes. Non-finite floats are the
 strings "inf", "-inf", "nan".
 """
