@@ -1,4 +1,4 @@
-"""`crosschip probe compare|replay`: the probe's command line (mounted under the main CLI as `probe`)."""
+"""`crosschip probe compare|ranks|replay`: the probe's command line (mounted under the main CLI as `probe`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from rich.text import Text
 from crosschip.cli_common import JsonOpt, err, make_app, out, print_json, run_app
 from crosschip.probe.compare import DEFAULT_MARGIN  # numpy only: keeps `crosschip --help` fast
 
-probe_app = make_app("probe", "Find where a training run goes wrong: compare probe recordings, replay a step window.")
+probe_app = make_app("probe", "Find where a training run goes wrong: compare probe recordings (runs or ranks), "
+                               "replay a step window.")
+_RANK_HELP = "Rank of {run} to read (a torchrun recording holds one per rank; default 0)."
 
 
 def _print_json(obj: Any) -> None:
@@ -29,10 +31,14 @@ def compare(
     margin: Annotated[float, typer.Option(help="Tolerance = margin x reference noise (or x floor).")] = DEFAULT_MARGIN,
     report: Annotated[Path | None, typer.Option(help="Write report.json and report.html here.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report directory.")] = False,
+    rank_a: Annotated[int, typer.Option(min=0, help=_RANK_HELP.format(run="RUN_A"))] = 0,
+    rank_b: Annotated[int, typer.Option(min=0, help=_RANK_HELP.format(run="RUN_B"))] = 0,
     json_out: JsonOpt = False,
 ) -> None:
     """Align two probe recordings; name the first diverging step and module and the first NaN/Inf origin.
 
+    Two ranks of one run: `compare RUN RUN --rank-b 1`; the same rank of two runs (before and after a chip
+    move): `compare OLD NEW --rank-a 1 --rank-b 1`. Every rank at once: `probe ranks RUN`.
     Exit code 0 when they match, 1 when they diverge, 2 on a usage error."""
     from crosschip.fsio import check_output_dir
     from crosschip.probe.compare import compare_runs
@@ -40,7 +46,7 @@ def compare(
 
     if report is not None:  # refuse before the work, not after it
         check_output_dir(report, overwrite)
-    result = compare_runs(run_a, run_b, noise=noise, margin=margin)
+    result = compare_runs(run_a, run_b, noise=noise, margin=margin, rank_a=rank_a, rank_b=rank_b)
     doc = build_probe_report(result)
     if report is not None:
         paths = write_probe_report(doc, report, overwrite=overwrite)
@@ -50,6 +56,36 @@ def compare(
         _print_json(doc)
     else:
         for table in render_table(doc):
+            out.print(table)
+        for note in doc.get("notes") or []:
+            err.print(Text(f"note: {note}", style="dim"))
+        out.print(f"verdict: {doc['verdict'].upper()}", highlight=False)
+    raise typer.Exit(0 if doc["verdict"] == "match" else 1)
+
+
+@probe_app.command()
+def ranks(
+    run: Annotated[Path, typer.Argument(help="Training run directory recorded under torchrun with --probe.")],
+    reference: Annotated[int, typer.Option(min=0, help="The rank every other rank is compared with.")] = 0,
+    margin: Annotated[float, typer.Option(help="Outputs: tolerance = margin x the pair's usual spread "
+                                               "(median over steps); gradients: margin x the precision floor.")]
+    = DEFAULT_MARGIN,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare every rank of one run with the reference rank; name the first rank, step and module that
+    produced a NaN/Inf or diverged.
+
+    Under DDP ranks see different data: outputs are judged against their usual distance between ranks,
+    full gradients must agree, FSDP2's local gradient shards are only checked for NaN/Inf.
+    Exit code 0 when no rank went wrong, 1 otherwise, 2 on a usage error."""
+    from crosschip.probe.ranks import compare_ranks
+    from crosschip.probe.report import render_ranks_table
+
+    doc = compare_ranks(run, reference=reference, margin=margin).to_dict()
+    if json_out:
+        _print_json(doc)
+    else:
+        for table in render_ranks_table(doc):
             out.print(table)
         for note in doc.get("notes") or []:
             err.print(Text(f"note: {note}", style="dim"))

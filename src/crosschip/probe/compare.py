@@ -1,7 +1,9 @@
 """Compare two probe recordings: where (step, module) do they part, and where did the first NaN/Inf appear.
 
 Runs are read only through `crosschip.probe.store` (manifest, per-step per-module statistics, per-step
-loss). Rows are aligned on (step, module, kind) present in both runs (inner join); what only one run
+loss), one rank's recording each (`rank_a`, `rank_b`; 0 by default): two ranks of one run, or the same
+rank of two runs (before and after a chip move). Every rank of one run at once: crosschip.probe.ranks.
+Rows are aligned on (step, module, kind) present in both runs (inner join); what only one run
 recorded is listed, not compared.
 
 Tolerance, per statistic s in (mean, std, absmax, l2) and row (step, module, kind):
@@ -92,6 +94,9 @@ class RunSummary:
     nonfinite_origin: Origin | None
     overflow_origin: Origin | None
     loss_nonfinite_step: int | None
+    rank: int = 0
+    world_size: int = 1
+    grad_scope: str = "full"  # "local shard": FSDP2 gradients, this rank's shard only
 
 
 @dataclass
@@ -132,6 +137,7 @@ class _Run:
     cols: dict[str, np.ndarray]
     steps: dict[str, np.ndarray]
     index: dict[tuple[int, str, str], int]  # (step, module, kind) -> row
+    rank: int = 0
 
 
 def _precision(manifest: dict[str, Any], path: Path) -> str:
@@ -143,28 +149,39 @@ def _precision(manifest: dict[str, Any], path: Path) -> str:
     return name
 
 
-def _load(path: Path) -> _Run:
+def _load(path: Path, rank: int = 0) -> _Run:
     from crosschip.probe import store
 
     path = Path(path)
-    manifest = store.read_manifest(path)
-    table = store.read_stats(path)
+    manifest = store.read_manifest(path, rank)
+    table = store.read_stats(path, rank)
     missing = [c for c in _COLUMNS if c not in table.column_names]
     if missing:
         raise CrosschipError(f"probe stats of {path} lack columns {missing}", "re-record with this crosschip version")
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in _COLUMNS}
     for c in FLOAT_STATS:
         cols[c] = cols[c].astype(np.float64)
-    steps_table = store.read_steps(path)
+    steps_table = store.read_steps(path, rank)
     steps = {c: steps_table.column(c).to_numpy(zero_copy_only=False) for c in steps_table.column_names}
+    return _Run(path, manifest, cols, steps, _index(cols), rank)
+
+
+def _index(cols: dict[str, np.ndarray]) -> dict[tuple[int, str, str], int]:
+    """(step, module, kind) -> row; a module called twice in a step (shared or re-entered) keeps its first call."""
     index: dict[tuple[int, str, str], int] = {}
     order = cols["order"]
-    # A module called twice in a step (shared or re-entered) keeps its first call: the earliest order.
     for i, key in enumerate(zip(cols["step"].tolist(), cols["module"].tolist(), cols["kind"].tolist(), strict=True)):
         j = index.get(key)
         if j is None or order[i] < order[j]:
             index[key] = i
-    return _Run(path, manifest, cols, steps, index)
+    return index
+
+
+def _subset(run: _Run, kinds: Sequence[str]) -> _Run:
+    """`run` restricted to rows of the given kinds (output, grad)."""
+    keep = np.isin(run.cols["kind"], list(kinds))
+    cols = {c: v[keep] for c, v in run.cols.items()}
+    return _Run(run.path, run.manifest, cols, run.steps, _index(cols), run.rank)
 
 
 # ---------------------------------------------------------------- relative differences
@@ -281,6 +298,8 @@ def _summary(run: _Run, precision: str) -> RunSummary:
         steps=[int(steps.min()), int(steps.max())] if steps.size else [],
         modules=len(set(run.cols["module"].tolist())), nonfinite_origin=nonfinite_origin(run),
         overflow_origin=overflow_origin(run), loss_nonfinite_step=_first_nonfinite_loss(run),
+        rank=run.rank, world_size=int(run.manifest.get("world_size", 1)),
+        grad_scope=str(run.manifest.get("grad_scope", "full")),
     )
 
 
@@ -294,14 +313,19 @@ class _Aligned:
     rel: np.ndarray  # [n, len(FLOAT_STATS)] relative differences
     tol: np.ndarray  # [n, len(FLOAT_STATS)] tolerances
     from_noise: np.ndarray  # [n, len(FLOAT_STATS)] whether the noise term set the tolerance
-    count_diff: np.ndarray  # [n, len(COUNT_STATS)] bool: counts differ
+    count_diff: np.ndarray  # [n, len(counts)] bool: counts differ
     ratio: np.ndarray  # [n] max over statistics of rel / tol (inf on a count difference)
+    counts: tuple[str, ...] = COUNT_STATS  # the counts compared exactly
+
+
+def _label(run: _Run) -> str:
+    return f"{run.path}" if run.rank == 0 else f"{run.path} (rank {run.rank})"
 
 
 def _align(a: _Run, b: _Run) -> tuple[np.ndarray, np.ndarray]:
     common = [(ia, b.index[k]) for k, ia in a.index.items() if k in b.index]
     if not common:
-        raise CrosschipError(f"{a.path} and {b.path} share no (step, module) rows",
+        raise CrosschipError(f"{_label(a)} and {_label(b)} share no (step, module) rows",
                              "record both runs with the same --probe-modules and --probe-steps")
     ia = np.array([c[0] for c in common])
     ib = np.array([c[1] for c in common])
@@ -311,7 +335,7 @@ def _align(a: _Run, b: _Run) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compare_rows(a: _Run, b: _Run, noise: dict[tuple[str, str], np.ndarray] | None, margin: float,
-                  unit: float) -> _Aligned:
+                  unit: float, counts: tuple[str, ...] = COUNT_STATS) -> _Aligned:
     ia, ib = _align(a, b)
     rel = np.stack([_rel_diff(a.cols[s][ia], b.cols[s][ib], _scale(a, ia, s)) for s in FLOAT_STATS], 1)
     # floor: [n, 1]; rounding drift allowed to grow like a random walk over the steps
@@ -322,11 +346,11 @@ def _compare_rows(a: _Run, b: _Run, noise: dict[tuple[str, str], np.ndarray] | N
         keys = zip(a.cols["module"][ia].tolist(), a.cols["kind"][ia].tolist(), strict=True)
         noise_term = margin * np.stack([noise.get(k, zero) for k in keys])
     tol = np.maximum(noise_term, floor)
-    count_diff = np.stack([a.cols[s][ia] != b.cols[s][ib] for s in COUNT_STATS], 1)
+    count_diff = np.stack([a.cols[s][ia] != b.cols[s][ib] for s in counts], 1)
     with np.errstate(all="ignore"):
         ratio = np.where(rel == 0, 0.0, rel / tol).max(axis=1)
     ratio = np.where(count_diff.any(axis=1), np.inf, ratio)
-    return _Aligned(ia, ib, rel, tol, noise_term > floor, count_diff, ratio)
+    return _Aligned(ia, ib, rel, tol, noise_term > floor, count_diff, ratio, counts)
 
 
 def _divergent(al: _Aligned) -> np.ndarray:
@@ -344,7 +368,7 @@ def _first_divergence(a: _Run, b: _Run, al: _Aligned) -> tuple[Divergence | None
     j = by_row[_most_specific([int(al.ia[j]) for j in same], a)]
     i, k = int(al.ia[j]), int(al.ib[j])
     failing: list[dict[str, Any]] = []
-    for n, s in enumerate(COUNT_STATS):
+    for n, s in enumerate(al.counts):
         if al.count_diff[j, n]:
             va, vb = int(a.cols[s][i]), int(b.cols[s][k])
             failing.append({"statistic": s, "a": va, "b": vb, "rel_diff": abs(va - vb) / max(abs(va), 1),
@@ -438,24 +462,35 @@ def _verdict(div: Divergence | None, sa: RunSummary, sb: RunSummary) -> tuple[st
     return ("diverged" if reasons else "match"), reasons
 
 
-def compare_runs(run_a: Path, run_b: Path, *, noise: Path | None = None,
-                 margin: float = DEFAULT_MARGIN) -> ProbeComparison:
-    """Compare probe recordings: A is the reference, B the run under test, noise a second recording of A's setup."""
+def check_margin(margin: float) -> None:
     if not (margin > 0 and math.isfinite(margin)):
         raise CrosschipError(f"--margin must be a positive number (got {margin})",
                              f"pass e.g. --margin {DEFAULT_MARGIN:g}")
-    a, b = _load(Path(run_a)), _load(Path(run_b))
+
+
+def compare_runs(run_a: Path, run_b: Path, *, noise: Path | None = None, margin: float = DEFAULT_MARGIN,
+                 rank_a: int = 0, rank_b: int = 0) -> ProbeComparison:
+    """Compare probe recordings: A is the reference, B the run under test, noise a second recording of A's setup.
+
+    `rank_a`/`rank_b` pick the rank of each run (the same run twice compares two of its ranks; see
+    crosschip.probe.ranks for what that means under DDP); the noise run is read at `rank_a`."""
+    check_margin(margin)
+    a, b = _load(Path(run_a), rank_a), _load(Path(run_b), rank_b)
     pa, pb = _precision(a.manifest, a.path), _precision(b.manifest, b.path)
     coarser = pa if UNIT_ROUNDOFF[pa] >= UNIT_ROUNDOFF[pb] else pb
     notes: list[str] = []
     noise_med = None
     if noise is not None:
-        noise_med, noise_notes = _noise_rel(a, _load(Path(noise)))
+        noise_med, noise_notes = _noise_rel(a, _load(Path(noise), rank_a))
         notes += noise_notes
     else:
         notes.append("no noise run: tolerance is the precision floor margin * u * sqrt(step) only; pass --noise "
                      "(the reference configuration recorded again with another seed or device) for one that "
                      "reflects the reference's own run-to-run noise")
+    if a.path.resolve() == b.path.resolve() and rank_a != rank_b:
+        notes.append(f"ranks {rank_a} and {rank_b} of one run: under DDP each rank trains on its own batch, so their "
+                     "output statistics differ by design while full gradients should agree; `crosschip probe ranks "
+                     "RUN` judges outputs against their usual spread between ranks")
     al = _compare_rows(a, b, noise_med, margin, UNIT_ROUNDOFF[coarser])
     div, n_bad = _first_divergence(a, b, al)
     sa, sb = _summary(a, pa), _summary(b, pb)

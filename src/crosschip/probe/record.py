@@ -7,11 +7,20 @@ parameters; `end_step` finalizes the rows and copies them, with the steps' loss/
 to the host in ONE transfer. Unselected steps cost nothing but a device-side stack of three scalars,
 which rides along with the next transfer. msprobe hooks per API call and synchronizes per tensor
 (4.5x-38x per step, /work/shared/reference/parity-tools.md); this is per module and per step.
+
+Under torchrun every rank runs its own Recorder (`rank`, `world_size`) and writes its own recording
+(store.probe_dir(run, rank)); the manifest says which rank and how the gradients were seen:
+  grad_scope "full"         plain tensors: the whole gradient (under DDP already all-reduced, so the
+                            same on every rank)
+  grad_scope "local shard"  DTensor parameters (FSDP2): statistics of this rank's shard (`to_local()`),
+                            numel = the shard's; no rank ever waits for another to record
+Forward outputs are recorded as the rank computed them (under DDP each rank sees its own batch).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -119,13 +128,53 @@ def _empty_columns(schema: Any) -> dict[str, list[Any]]:
     return {name: [] for name in schema.names}
 
 
+@functools.cache
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_dtensor(x: Any) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(x, dtensor)
+
+
+def local(x: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (no communication); any other tensor as is."""
+    return x.to_local() if is_dtensor(x) else x
+
+
+def plain_scalar(x: torch.Tensor) -> torch.Tensor:
+    """A loss or grad norm as a plain tensor. A replicated DTensor (FSDP2's clip_grad_norm_) is read locally;
+    any other placement needs `full_tensor()`, a collective: end_step runs on every rank at every step,
+    so every rank reaches it, in the same order."""
+    if not is_dtensor(x):
+        return x
+    from torch.distributed.tensor import Replicate
+
+    return x.to_local() if all(isinstance(p, Replicate) for p in x.placements) else x.full_tensor()
+
+
+def grad_scope(params: list[list[tuple[str, torch.nn.Parameter]]]) -> str:
+    """'local shard' when the recorded parameters are DTensors (FSDP2), else 'full'."""
+    return "local shard" if any(is_dtensor(p) for group in params for _, p in group) else "full"
+
+
 class Recorder:
-    """Hooks `model`'s selected modules and writes probe/ under `run_dir`. Use begin_step, end_step, close."""
+    """Hooks `model`'s selected modules and writes `rank`'s recording under `run_dir`.
+
+    Use begin_step, record_grads, end_step, flush, close; every rank calls them at the same points."""
 
     def __init__(self, model: torch.nn.Module, cfg: ProbeConfig, run_dir: Path, device: torch.device | str,
-                 precision: str, scaler: Any = None) -> None:
+                 precision: str, scaler: Any = None, *, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise CrosschipError(f"probe recorder: rank {rank} is outside world size {world_size}",
+                                 "pass the RANK and WORLD_SIZE torchrun sets (0 <= rank < world_size)")
         self.cfg, self.run_dir, self.device = cfg, Path(run_dir), torch.device(device)
-        self.scaler = scaler
+        self.scaler, self.rank, self.world_size = scaler, rank, world_size
         self.selects = parse_steps(cfg.steps)
         self.modules = select_modules(model, cfg.modules)
         self.acc = acc_dtype(self.device)
@@ -142,7 +191,8 @@ class Recorder:
         store.write_manifest(self.run_dir, {
             "mode": cfg.mode, "modules_glob": cfg.modules, "steps": cfg.steps, "stats": list(STAT_NAMES),
             "device": str(self.device), "precision": precision, "modules": [n for n, _ in self.modules],
-        })
+            "rank": rank, "world_size": world_size, "grad_scope": grad_scope(self._params),
+        }, rank)
         self._handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in self.modules]
 
     def _reset(self, step: int | None) -> None:
@@ -180,8 +230,10 @@ class Recorder:
         out = first_tensor(output)
         if out is None:
             return
+        out = local(out)  # plain already under DDP and FSDP2; a DTensor only under tensor parallelism
         inp = first_tensor(args)
         inp = first_tensor(kwargs) if inp is None else inp
+        inp = None if inp is None else local(inp)
         row = torch.cat([raw_stats(out, self._scratch), self._input_nonfinite(inp)])
         index = self._first.get(name)
         if index is None:  # first call this step
@@ -208,7 +260,8 @@ class Recorder:
         if self._step is None:
             return
         for order, ((name, _), params) in enumerate(zip(self.modules, self._params, strict=True)):
-            grads = [(pname, p.grad) for pname, p in params if p.grad is not None]
+            # FSDP2: the sharded parameters hold DTensor grads; this rank's shard, without communication
+            grads = [(pname, local(p.grad)) for pname, p in params if p.grad is not None]
             if not grads:
                 continue
             raw = raw_stats(grads[0][1], self._scratch)
@@ -232,6 +285,7 @@ class Recorder:
     @torch.no_grad()
     def end_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
         """Queue the step's loss/grad norm/scale; on a selected step copy everything to the host, once."""
+        loss, grad_norm = plain_scalar(loss), plain_scalar(grad_norm)
         values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(()),
                               self._scale])
         self._pending.append((step, lr, values))
@@ -245,7 +299,7 @@ class Recorder:
             import safetensors.torch
 
             data = safetensors.torch.save(self._tensors, metadata={"step": str(step)})
-            atomic_write_bytes(store.tensors_path(self.run_dir, step), data)
+            atomic_write_bytes(store.tensors_path(self.run_dir, step, self.rank), data)
         self._reset(None)
 
     def _to_host(self, rows: torch.Tensor) -> torch.Tensor:
@@ -279,7 +333,7 @@ class Recorder:
             self._to_host(torch.empty(0, _ROW, dtype=self.acc, device=self.device))
         for kind, cols in (("stats", self._stats), ("steps", self._steps)):
             if cols["step"]:
-                store.write_part(self.run_dir, kind, cols)
+                store.write_part(self.run_dir, kind, cols, self.rank)
                 cols.update(_empty_columns(store.STATS_SCHEMA if kind == "stats" else store.STEPS_SCHEMA))
 
     def close(self) -> None:

@@ -3,8 +3,8 @@ first divergence and NaN/Inf origins) and short terminal tables.
 
 report.json schema (PROBE_REPORT_SCHEMA_VERSION = 1): schema_version, crosschip_version, created (UTC ISO),
 then every field of ProbeComparison.to_dict(): run_a / run_b (path, device, precision, mode, rows, steps,
-modules, nonfinite_origin, overflow_origin, loss_nonfinite_step), noise, margin, unit_roundoff,
-coarser_precision, aligned_rows, aligned_steps, only_in_a / only_in_b, first_divergence, divergent_rows,
+modules, nonfinite_origin, overflow_origin, loss_nonfinite_step, rank, world_size, grad_scope), noise, margin,
+unit_roundoff, coarser_precision, aligned_rows, aligned_steps, only_in_a / only_in_b, first_divergence, divergent_rows,
 verdict ("match" | "diverged"), reasons, loss, drift, worst, noise_rel, notes. Non-finite floats are the
 strings "inf", "-inf", "nan".
 """
@@ -195,7 +195,10 @@ def _runs_rows(report: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for side in ("a", "b"):
         run = report.get(f"run_{side}") or {}
-        rows.append([esc(side.upper()), esc(run.get("path")), esc(run.get("device")), esc(run.get("precision")),
+        path = str(run.get("path"))
+        if int(run.get("world_size") or 1) > 1:
+            path += f" [rank {run.get('rank')} of {run.get('world_size')}]"
+        rows.append([esc(side.upper()), esc(path), esc(run.get("device")), esc(run.get("precision")),
                      esc(run.get("mode")), esc(run.get("steps")), esc(run.get("modules")), esc(run.get("rows"))])
     return rows
 
@@ -272,3 +275,38 @@ def render_table(report: Mapping[str, Any]) -> list[Table]:
                           Text(fmt(w.get("at"))))
         tables.append(table)
     return tables
+
+
+def _rank_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    """Per-rank rows (rank, steps, grad scope, first NaN/Inf, first divergence vs the reference) as strings."""
+    pairs = {p.get("rank"): p for p in report.get("pairs") or []}
+    rows = []
+    for s in report.get("ranks") or []:
+        o, pair = s.get("nonfinite_origin"), pairs.get(s.get("rank"))
+        nan = f"step {o.get('step')}, {o.get('module')} ({o.get('kind')})" if isinstance(o, Mapping) else "none"
+        d = pair.get("first_divergence") if pair is not None else None
+        div = "reference" if pair is None else (
+            f"step {d.get('step')}, {d.get('module')} ({d.get('kind')}): {d.get('statistic')}"
+            if isinstance(d, Mapping) else "none")
+        steps = s.get("steps") or []
+        span = f"{steps[0]}..{steps[-1]}" if steps else "-"
+        rows.append([fmt(s.get("rank")), span, fmt(s.get("grad_scope")), nan, div])
+    return rows
+
+
+def render_ranks_table(report: Mapping[str, Any]) -> list[Table]:
+    """Terminal tables of `probe ranks`: the first rank/step/module to go wrong, then one row per rank."""
+    findings = Table("finding", "rank", "step", "module", "kind", "detail",
+                     title=Text(f"probe ranks: {str(report.get('verdict', '')).upper()}"))
+    for key in ("first_nonfinite", "first_divergence"):
+        f = report.get(key)
+        if isinstance(f, Mapping):
+            findings.add_row(*(Text(fmt(f.get(k))) for k in ("finding", "rank", "step", "module", "kind", "detail")))
+        else:
+            label = "first NaN/Inf" if key == "first_nonfinite" else "first divergence"
+            findings.add_row(Text(label), *(Text("-") for _ in range(4)), Text("none"))
+    against = f"first divergence vs rank {fmt(report.get('reference_rank'))}"
+    per_rank = Table("rank", "steps", "grads", "first NaN/Inf", against, title="per rank")
+    for row in _rank_rows(report):
+        per_rank.add_row(*(Text(cell) for cell in row))
+    return [findings, per_rank]
