@@ -1,14 +1,10 @@
-"""End to end under a real torchrun: two CPU ranks (gloo), a NaN planted in rank 1's forward at one step and
-module, and `crosschip probe ranks` / `probe compare --rank-b` name that rank, step and module.
-
-- a bare DDP loop with a Recorder on every rank (tests/probe/ddp_recorder_driver.py): runs today;
-- the real Trainer with `--parallel ddp --probe stats` (tests/probe/torchrun_driver.py): skipped until
-  the distributed trainer (TrainConfig.parallel, a Recorder on every rank) is on this branch.
+"""End to end under a real torchrun: two CPU ranks (gloo) of the real Trainer with `--parallel ddp --probe
+stats` (tests/probe/torchrun_driver.py), a NaN planted in rank 1's forward at one step and module, and
+`crosschip probe ranks` / `probe compare --rank-b` name that rank, step and module.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -17,12 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from crosschip.train.config import TrainConfig
-
 DRIVER = Path(__file__).with_name("torchrun_driver.py")
-BARE_DRIVER = Path(__file__).with_name("ddp_recorder_driver.py")
 NAN_RANK, NAN_STEP, NAN_MODULE = 1, 3, "model.layers.1.mlp.down_proj"
-HAS_PARALLEL = "parallel" in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def probe_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -53,16 +45,6 @@ def assert_traced(run: Path) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_bare_ddp_recorders_trace_the_nan(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    done = torchrun(str(BARE_DRIVER), str(run), str(NAN_RANK), str(NAN_STEP), NAN_MODULE)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert sorted(p.name for p in (run / "probe").iterdir() if p.is_dir()) == ["rank-00001"]
-    assert_traced(run)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_PARALLEL, reason="pending: distributed training (--parallel ddp) is not merged yet")
 def test_torchrun_ddp_nan_traced_to_rank_step_module(tiny_corpus: Path, probe_tokenizer_dir: Path,
                                                      tmp_path: Path) -> None:
     out = tmp_path / "run"
