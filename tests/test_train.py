@@ -95,6 +95,29 @@ def test_resume_in_process_is_bit_identical(corpus: Path, tmp_path: Path) -> Non
     assert [r["step"] for r in rows] == sorted({r["step"] for r in rows}), "metrics rows duplicated on resume"
 
 
+def test_a_run_saved_before_sharded_checkpoints_still_resumes(corpus: Path, tmp_path: Path) -> None:
+    """state.pt (one file, plain optimizer state dict) from earlier crosschip: resumes bit-identically."""
+    import random
+
+    from crosschip.train.loop import Trainer
+
+    full = train(small_cfg(corpus, tmp_path / "full", steps=20), NullReporter())
+    train(small_cfg(corpus, tmp_path / "old", steps=20, time_budget_s=0.0), NullReporter())  # stops after 1 step
+    state_dir = tmp_path / "old" / "step-00000001" / "train_state"
+    meta = torch.load(state_dir / "meta.pt", weights_only=True)
+    trainer = Trainer(small_cfg(corpus, tmp_path / "old", steps=20, resume=True), NullReporter())
+    legacy = {k: meta[k] for k in ("step", "tokens_seen", "elapsed", "last_loss", "last_val", "scaler", "loader")}
+    rng = torch.load(state_dir / "rng-00000.pt", weights_only=True)
+    legacy.update(optimizer=trainer.optimizer.state_dict(), rng={"cpu": rng["cpu"]}, python_rng=random.getstate())
+    # The sharded files go; the old single file, with the optimizer state a resumed trainer restored, comes back.
+    for path in state_dir.rglob("*"):
+        if path.is_file():
+            path.unlink()
+    torch.save(legacy, state_dir / "state.pt")
+    resumed = train(small_cfg(corpus, tmp_path / "old", steps=20, resume=True), NullReporter())
+    assert_same_weights(full.checkpoint, resumed.checkpoint)
+
+
 def test_existing_out_needs_overwrite_and_is_untouched(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()

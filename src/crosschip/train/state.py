@@ -12,9 +12,12 @@ DCP stores tensors by fully qualified name with their global shapes, so a state 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +54,8 @@ def save_train_state(dir_: Path, model: torch.nn.Module, optimizer: torch.optim.
     import torch.distributed.checkpoint as dcp
 
     dir_.mkdir(parents=True, exist_ok=True)
-    dcp.save(_model_and_optim(model, optimizer), checkpoint_id=dir_ / DCP_DIR, no_dist=not _dist_active())
+    with _single_process_quiet():
+        dcp.save(_model_and_optim(model, optimizer), checkpoint_id=dir_ / DCP_DIR, no_dist=not _dist_active())
     torch.save({**rng, "python": random.getstate()}, dir_ / _rng_file(rank))
     if meta is not None:
         torch.save(meta, dir_ / META_FILE)
@@ -75,7 +79,8 @@ def load_sharded(dir_: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
 
     state = _model_and_optim(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=dir_ / DCP_DIR, no_dist=not _dist_active())
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=dir_ / DCP_DIR, no_dist=not _dist_active())
     # DCP gathers every rank's failure into a CheckpointException (a BaseException, not an Exception).
     except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
@@ -99,6 +104,14 @@ def load_legacy_state(dir_: Path) -> dict[str, Any]:
     state = torch.load(dir_ / STATE_FILE, map_location="cpu", weights_only=True)
     random.setstate(state.pop("python_rng"))
     return state
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it 'assumes' one process when there is no process group: here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _dist_active() -> bool:
