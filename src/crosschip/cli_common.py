@@ -68,6 +68,16 @@ def print_error(problem: str) -> None:
     err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
 
 
+def _peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another rank did: not a bug of this process."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or "WORLD_SIZE" not in os.environ:  # torchrun's workers only (the group is torn down by now)
+        return False
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        k in text for k in ("Connection closed by peer", "Connection reset by peer", "remote worker", "timed out"))
+
+
 def unexpected_error(e: BaseException) -> tuple[str, int]:
     """The one-line message and exit code for an exception no stage turned into a CrosschipError.
 
@@ -79,6 +89,11 @@ def unexpected_error(e: BaseException) -> tuple[str, int]:
         text = str(CrosschipError(f"{e.strerror or e}{where}", "check the path, its permissions and free disk space"))
         return text, 2
     first = (str(e).strip().splitlines() or [""])[0]
+    if _peer_failure(e):
+        text = str(CrosschipError(f"the process group failed: {first[:300]}",
+                                  "another rank died or timed out (see its log); under torchrun --max-restarts N "
+                                  "the group restarts and resumes from the last complete save"))
+        return text, 1
     problem = f"internal error: {type(e).__name__}{': ' + first if first else ''}"
     fix = f"this is a crosschip bug: rerun with {TRACEBACK_ENV}=1 for the traceback and report it"
     return str(CrosschipError(problem, fix)), INTERNAL_EXIT
