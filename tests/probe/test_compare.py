@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from crosschip.errors import CrosschipError
-from crosschip.probe.cli import main
 from crosschip.probe.compare import compare_runs
 from crosschip.probe.report import write_probe_report
+from probekit import run_main
 
 # Execution order of the forward outputs (post-order: a submodule finishes before its parent).
 OUTPUTS = ["model.embed_tokens", "model.layers.0.self_attn", "model.layers.0.mlp.up_proj",
@@ -270,14 +270,6 @@ def test_report_is_self_contained_escaped_and_strict_json(tmp_path: Path) -> Non
     assert json.loads(paths["json"].read_text())["verdict"] == "match"
 
 
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """crosschip.probe.cli.main() in-process with argv; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["crosschip-probe", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out, captured.err
 
 
 def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

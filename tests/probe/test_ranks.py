@@ -11,7 +11,6 @@ The FSDP2 test shards a model for real, in a one-process gloo group: its gradien
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,11 @@ import torch
 
 from crosschip.errors import CrosschipError
 from crosschip.probe import store
-from crosschip.probe.cli import main
 from crosschip.probe.compare import compare_runs
 from crosschip.probe.ranks import compare_ranks
 from crosschip.probe.record import ProbeConfig, Recorder
 from crosschip.probe.stats import STAT_NAMES, tensor_stats
+from probekit import run_main
 
 NAN_RANK, NAN_STEP, NAN_MODULE = 1, 3, "model.layers.1.mlp.down_proj"
 STEPS = 8
@@ -187,13 +186,6 @@ def test_truncate_clears_every_rank(make_model: Callable[..., Any], tmp_path: Pa
         assert store.read_steps(run, rank)["step"].to_pylist() == [1, 2]
 
 
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["crosschip-probe", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out, captured.err
 
 
 def test_cli_ranks_and_rank_options(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,19 @@ def _print_json(obj: Any) -> None:
     from crosschip.htmlreport import jsonable  # imports torch: only when JSON is asked for
 
     print_json(jsonable(obj))
+
+
+def _print_verdict(doc: dict[str, Any], json_out: bool, render: Callable[[dict[str, Any]], list[Any]]) -> None:
+    """The report as JSON or tables + notes + verdict; exit 0 on a match, 1 otherwise."""
+    if json_out:
+        _print_json(doc)
+    else:
+        for table in render(doc):
+            out.print(table)
+        for note in doc.get("notes") or []:
+            err.print(Text(f"note: {note}", style="dim"))
+        out.print(f"verdict: {doc['verdict'].upper()}", highlight=False)
+    raise typer.Exit(0 if doc["verdict"] == "match" else 1)
 
 
 @probe_app.command()
@@ -52,15 +66,7 @@ def compare(
         paths = write_probe_report(doc, report, overwrite=overwrite)
         if not json_out:
             err.print(f"report: {paths['html']}", highlight=False)
-    if json_out:
-        _print_json(doc)
-    else:
-        for table in render_table(doc):
-            out.print(table)
-        for note in doc.get("notes") or []:
-            err.print(Text(f"note: {note}", style="dim"))
-        out.print(f"verdict: {doc['verdict'].upper()}", highlight=False)
-    raise typer.Exit(0 if doc["verdict"] == "match" else 1)
+    _print_verdict(doc, json_out, render_table)
 
 
 @probe_app.command()
@@ -82,15 +88,7 @@ def ranks(
     from crosschip.probe.report import render_ranks_table
 
     doc = compare_ranks(run, reference=reference, margin=margin).to_dict()
-    if json_out:
-        _print_json(doc)
-    else:
-        for table in render_ranks_table(doc):
-            out.print(table)
-        for note in doc.get("notes") or []:
-            err.print(Text(f"note: {note}", style="dim"))
-        out.print(f"verdict: {doc['verdict'].upper()}", highlight=False)
-    raise typer.Exit(0 if doc["verdict"] == "match" else 1)
+    _print_verdict(doc, json_out, render_ranks_table)
 
 
 def _replay_summary(replay_dir: Path) -> dict[str, Any]:

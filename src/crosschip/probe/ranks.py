@@ -168,22 +168,25 @@ def _pair(ref: _Run, other: _Run, margin: float, unit: float) -> RankPair:
                     first_divergence=div, outputs_counts_only=unjudged)
 
 
+def _earliest(found: list[tuple[int, Any]]) -> tuple[int, Any] | None:
+    """The (rank, event) that happened first: by step, then kind, forward order and rank."""
+    return min(found, key=lambda f: _when(f[1].step, f[1].kind, f[1].order, f[0])) if found else None
+
+
 def _first_nonfinite(summaries: list[RankSummary]) -> RankFinding | None:
-    found = [(s.rank, s.nonfinite_origin) for s in summaries if s.nonfinite_origin is not None]
-    if not found:
+    first = _earliest([(s.rank, s.nonfinite_origin) for s in summaries if s.nonfinite_origin is not None])
+    if first is None:
         return None
-    rank, o = min(found, key=lambda f: _when(f[1].step, f[1].kind, f[1].order, f[0]))
-    assert o is not None
+    rank, o = first
     return RankFinding("first NaN/Inf", rank, o.step, o.module, o.kind, o.order,
                        f"nan {o.nan}, inf {o.inf}, input non-finite {o.in_nonfinite}; {o.note}")
 
 
 def _first_divergence_over(pairs: list[RankPair], reference: int) -> RankFinding | None:
-    found = [(p.rank, p.first_divergence) for p in pairs if p.first_divergence is not None]
-    if not found:
+    first = _earliest([(p.rank, p.first_divergence) for p in pairs if p.first_divergence is not None])
+    if first is None:
         return None
-    rank, d = min(found, key=lambda f: _when(f[1].step, f[1].kind, f[1].order, f[0]))
-    assert d is not None
+    rank, d = first
     return RankFinding("first divergence", rank, d.step, d.module, d.kind, d.order,
                        f"vs rank {reference}: {d.statistic} {d.a:.6g} -> {d.b:.6g}, rel diff {d.rel_diff:.3g} > "
                        f"tol {d.tolerance:.3g} ({d.tolerance_source})")
