@@ -51,3 +51,15 @@ def test_the_served_request_is_a_docstring_continuation_cut_at_a_blank_line(make
         client = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
         text, finish, generated = demo.ask_served(client, engine.model_name)
     assert finish in ("stop", "length") and "\n\n" not in text and 1 <= generated <= demo.DEMO_SERVE_MAX_TOKENS
+
+
+def test_the_demo_server_starts_as_a_real_process_and_answers(make_checkpoint: Any, tmp_path: Path) -> None:
+    """The server prints `loaded ...` before `serving ... at URL`: the demo waits for the second line."""
+    proc, url = demo._start_server(make_checkpoint("tiny", tmp_path / "ckpt"))
+    try:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+        text, finish, generated = demo.ask_served(client, client.models.list().data[0].id)
+        assert finish in ("stop", "length") and 1 <= generated <= demo.DEMO_SERVE_MAX_TOKENS
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -257,14 +258,20 @@ def _start_server(ckpt: Path) -> tuple[subprocess.Popen[str], str]:
     """A real `crosschip serve` process on a free loopback port; returns it and its /v1 URL."""
     cmd = [sys.executable, "-m", "crosschip.serve.api", str(ckpt), "--device", "cpu", "--port", "0",
            "--max-batch", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # "serving <model> at http://127.0.0.1:PORT/v1" once ready
-    if not line.startswith("serving "):
+    # stderr to a file, not a pipe: nobody drains it while the server runs (the child keeps its own handle).
+    with tempfile.TemporaryFile(mode="w+") as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)
+        assert proc.stdout is not None
+        # stdout says "loaded <model> ..." first, then "serving <model> at http://127.0.0.1:PORT/v1" once ready.
+        for line in proc.stdout:
+            if line.startswith("serving "):
+                return proc, line.rsplit(" at ", 1)[1].strip()
         proc.kill()
-        raise CrosschipError(f"the demo server did not start: {proc.communicate()[1].strip()[-300:]}",
-                             "run `crosschip serve` on the checkpoint by hand to see why")
-    return proc, line.rsplit(" at ", 1)[1].strip()
+        proc.wait()
+        errors.seek(0)
+        why = errors.read().strip()[-300:]
+    raise CrosschipError(f"the demo server did not start: {why}",
+                         "run `crosschip serve` on the checkpoint by hand to see why")
 
 
 def step_serve(ctx: DemoContext) -> None:
@@ -358,7 +365,10 @@ def run_demo(
     ctx = DemoContext(workdir, console, minutes, steps, overwrite)
     t0 = time.perf_counter()
     for name, fn in STEPS:
-        ctx.console.rule(f"[bold]{name}")
+        if ctx.console.is_terminal:
+            ctx.console.rule(f"[bold]{name}")
+        else:  # piped: a rule would fill the full-width console with thousands of dashes
+            ctx.console.print(f"\n== {name} ==", highlight=False)
         fn(ctx)
     ctx.summary["elapsed_s"] = time.perf_counter() - t0
     ctx.console.print(f"\ndemo finished in {ctx.summary['elapsed_s'] / 60:.1f} min")
