@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,15 +43,17 @@ import torch.distributed as dist
 
 from _common import log, machine, prepare_data, run_benchmark
 from crosschip import devices
+from crosschip.errors import CrosschipError
 from crosschip.models import count_parameters
 from crosschip.train import parallel
 from crosschip.train.config import TrainConfig
 from crosschip.train.loop import Trainer
-from train_throughput import NEVER, StepClock, TrainerRunner, interleave, parse_training_args, training_parser
+from train_throughput import NEVER, StepClock, TrainerRunner, parse_training_args, training_parser
 
 CORPUS_BYTES = 2_000_000  # as train_throughput.py: far more windows than the timed steps use
 NPROC = 2  # the issue's comparison: two processes on this machine
 DIST_MODES = ("ddp", "fsdp")
+POLL_S = 0.02  # turn-taking poll: ~250 file reads/s over all waiting processes, no measurable load
 COMM_REPEATS = 10  # replays of one step's collectives; the fastest is kept
 SCALAR_ALL_REDUCES = {"ddp": 2, "fsdp": 3}  # per logged step: loss mean, stop flags (+ FSDP2's grad norm)
 
@@ -95,30 +98,76 @@ def run_record(runner: TrainerRunner, threads: int, **extra: Any) -> dict[str, A
             "final_loss": runner.result.final_loss, **extra}
 
 
+class Baton:
+    """Turn-taking between the concurrently launched runs, through files in the workdir.
+
+    All runs start at once and wait; the driver names whose turn it is, and a run times its steps only in
+    its own turn, so every run sees the same spells of the shared machine's load, as in train_throughput's
+    in-process rounds. Waiting is a POLL_S sleep-poll.
+    """
+
+    def __init__(self, workdir: Path, role: str, is_main: bool) -> None:
+        self.dir, self.role, self.is_main = workdir / "baton", role, is_main
+
+    def ready(self) -> None:
+        parallel.barrier()  # every rank is built before the driver starts the turns
+        if self.is_main:
+            (self.dir / f"ready-{self.role}").touch()
+
+    def wait(self, rnd: int) -> None:
+        turn = f"{self.role} {rnd}"
+        while not (self.dir / "turn").is_file() or (self.dir / "turn").read_text() != turn:
+            time.sleep(POLL_S)
+
+    def done(self, rnd: int) -> None:
+        parallel.barrier()
+        if self.is_main:
+            (self.dir / f"done-{self.role}-{rnd}").touch()
+
+
+def schedule(args: argparse.Namespace) -> list[int]:
+    """Steps per turn: the untimed warm-up first, then rounds of --round-steps until --steps are timed."""
+    timed = [min(args.round_steps, args.steps - done) for done in range(0, args.steps, args.round_steps)]
+    return [args.warmup, *timed]
+
+
+def take_turns(args: argparse.Namespace, baton: Baton, runners: list[TrainerRunner]) -> None:
+    """Each turn runs every runner of this role for that round's steps (+1: the eval/save step, untimed)."""
+    baton.ready()
+    for rnd, n in enumerate(schedule(args)):
+        baton.wait(rnd)
+        for r in runners[rnd % len(runners):] + runners[: rnd % len(runners)]:
+            times = r.run_steps(n + 1)
+            if rnd > 0:
+                r.result.step_seconds += times
+        baton.done(rnd)
+
+
 def worker_single(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
-    """Every (threads, micro-batch) candidate of the single process, interleaved in rounds."""
+    """Every (threads, micro-batch) candidate of the single process, in one process, rotating each turn."""
     runners: list[ThreadedRunner] = []
     for threads in args.single_threads:
         for micro in args.single_batch_sizes:
             name = f"single-t{threads}-b{micro}"
             cfg = train_config(args, workdir, name, "none", micro, threads)
             runners.append(ThreadedRunner(name, Trainer(cfg, StepClock(devices.resolve_device(args.device))), threads))
-    interleave(list(runners), args)
+    take_turns(args, Baton(workdir, "single", True), list(runners))
     return [run_record(r, r.threads) for r in runners]
 
 
 def worker_dist(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
-    """One torchrun worker: warm up, time the steps, replay one step's collectives; rank 0 reports."""
+    """One torchrun worker: its timed turns, then (a last turn) one step's collectives replayed alone."""
     cfg = train_config(args, workdir, args.mode, args.mode, args.batch_size, args.threads)
     trainer = Trainer(cfg, StepClock(devices.resolve_device(args.device)))
     runner = TrainerRunner(args.mode, trainer)
+    baton = Baton(workdir, args.mode, trainer.rank == 0)
     try:
-        log(f"rank {trainer.rank}: {args.mode} warming up ...")
-        runner.run_steps(args.warmup + 1)
-        runner.result.step_seconds = runner.run_steps(args.steps + 1)  # the last step carries the eval: untimed
+        take_turns(args, baton, [runner])
+        last = len(schedule(args))
+        baton.wait(last)
         comm = replay_step_collectives(trainer, COMM_REPEATS)
         rows = [run_record(runner, torch.get_num_threads(), comm=comm)]
-        dist.barrier()
+        baton.done(last)
         # gloo's worker threads drop finished works (holding Python tensors) under the GIL: let them, before
         # teardown joins those threads while holding the GIL (seen here as a hang in ~ProcessGroupGloo).
         time.sleep(0.5)
@@ -230,43 +279,62 @@ def worker_command(args: argparse.Namespace, workdir: Path, role: str, result: P
             *own, *passed]
 
 
-def launch(args: argparse.Namespace, workdir: Path, role: str) -> list[dict[str, Any]]:
-    """Run one worker launch to completion; its output goes to stderr so that --json stays clean."""
-    result = workdir / f"result-{role}.json"
-    result.unlink(missing_ok=True)
-    cmd = worker_command(args, workdir, role, result)
-    log(f"launching {role}: {' '.join(cmd[1:4])} ...")
-    t0 = time.perf_counter()
-    subprocess.run(cmd, stdout=sys.stderr, check=True, timeout=args.timeout)
-    log(f"{role} finished in {time.perf_counter() - t0:.0f} s")
-    return json.loads(result.read_text())
+def wait_for(path: Path, procs: dict[str, subprocess.Popen], deadline: float) -> None:
+    """Until `path` exists; a launch that died, or the deadline, ends the benchmark with its reason."""
+    while not path.exists():
+        for role, proc in procs.items():
+            if proc.poll() not in (None, 0):
+                raise CrosschipError(f"the {role} launch exited with status {proc.returncode}", "see its log above")
+        if time.monotonic() > deadline:
+            raise CrosschipError(f"no {path.name} within --timeout", "pass a larger --timeout")
+        time.sleep(POLL_S)
 
 
-def merge(into: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> None:
-    """Pool the timed steps (and comm replays) of repeated launches of the same run."""
-    for row in rows:
-        if row["name"] not in into:
-            into[row["name"]] = row
-            continue
-        kept = into[row["name"]]
-        kept["step_seconds"] += row["step_seconds"]
-        if "comm" in row:
-            kept["comm"]["seconds"] += row["comm"]["seconds"]
+def conduct(args: argparse.Namespace, workdir: Path, roles: list[str]) -> dict[str, subprocess.Popen]:
+    """Start every launch at once, wait until all are built, then hand out the turns in rotating order."""
+    baton = workdir / "baton"
+    shutil.rmtree(baton, ignore_errors=True)
+    baton.mkdir()
+    procs = {}
+    for role in roles:
+        cmd = worker_command(args, workdir, role, workdir / f"result-{role}.json")
+        log(f"launching {role}: {' '.join(cmd[1:4])} ...")
+        procs[role] = subprocess.Popen(cmd, stdout=sys.stderr)  # stderr: --json keeps stdout to itself
+    deadline = time.monotonic() + args.timeout
+    for role in roles:
+        wait_for(baton / f"ready-{role}", procs, deadline)
+    turns = len(schedule(args)) + 1  # + the dist runs' replay of one step's collectives
+    for rnd in range(turns):
+        for role in roles[rnd % len(roles):] + roles[: rnd % len(roles)]:
+            if rnd == turns - 1 and role == "single":
+                continue
+            (baton / "turn.tmp").write_text(f"{role} {rnd}")
+            os.replace(baton / "turn.tmp", baton / "turn")  # a worker never reads a half-written turn
+            wait_for(baton / f"done-{role}-{rnd}", procs, deadline)
+        log(f"turn {rnd + 1}/{turns} done")
+    return procs
 
 
 def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     prepare_data(workdir, CORPUS_BYTES, TrainConfig.vocab_size)
-    runs: dict[str, dict[str, Any]] = {}
     roles = ["single", *args.modes]
-    for rep in range(args.repeats):  # rotate the order: a slow spell of the shared machine hits each role
-        for role in roles[rep % len(roles):] + roles[: rep % len(roles)]:
-            merge(runs, launch(args, workdir, role))
-    params = next(r["params"] for r in runs.values() if r["mode"] == "none")
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs = conduct(args, workdir, roles)
+        for role, proc in procs.items():
+            if proc.wait(timeout=args.timeout) != 0:
+                raise CrosschipError(f"the {role} launch exited with status {proc.returncode}", "see its log above")
+    finally:
+        for proc in procs.values():  # only on failure: a finished launch has exited already
+            if proc.poll() is None:
+                proc.kill()
+    rows = [row for role in roles for row in json.loads((workdir / f"result-{role}.json").read_text())]
+    params = next(r["params"] for r in rows if r["mode"] == "none")
     meta = {"preset": args.preset, "params": params, "global_batch": args.global_batch, "seq_len": args.seq_len,
-            "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "precision": "fp32",
+            "steps": args.steps, "warmup": args.warmup, "round_steps": args.round_steps, "precision": "fp32",
             "load_average": list(os.getloadavg()), "machine": machine(devices.resolve_device(args.device))}
     meta["machine"]["cores"] = len(os.sched_getaffinity(0))
-    return summarize(list(runs.values()), meta)
+    return summarize(rows, meta)
 
 
 def summarize(rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
@@ -293,7 +361,7 @@ def print_table(s: dict[str, Any]) -> None:
     m = s["machine"]
     print(f"{s['preset']} ({s['params'] / 1e6:.2f}M params), fp32, global batch {s['global_batch']} x seq "
           f"{s['seq_len']} = {s['global_batch'] * s['seq_len']} tokens/step, {s['steps']} timed steps per run "
-          f"after {s['warmup']} warm-up, {s['repeats']} launch(es) each")
+          f"after {s['warmup']} warm-up, all launched at once, timed in turns of {s['round_steps']} steps")
     print(f"{m['device']} ({m['device_name']}), {m['cores']} cores, torch {m['torch']}, {m['date_utc']}, "
           f"load average {', '.join(f'{x:.1f}' for x in s['load_average'])}")
     print("tok/s from the fastest timed step (median step in brackets); comm = one step's collectives "
@@ -324,14 +392,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default: 1 and every core)")
     p.add_argument("--single-batch-sizes", type=int_list, default=None, help="single-process micro-batches "
                    "(default: --batch-size and the global batch)")
-    p.add_argument("--repeats", type=int, default=1, help="launches of each run, in rotating order (default: 1)")
-    p.add_argument("--timeout", type=float, default=900, help="seconds one launch may take (default: 900)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds the whole comparison may take (default: 900)")
     p.add_argument("--worker", choices=("single", *DIST_MODES), help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parse_training_args(p, argv)
     args.modes = [m for m in args.modes.split(",") if m]
-    if not set(args.modes) <= set(DIST_MODES) or args.repeats < 1:
-        p.error(f"--modes takes {', '.join(DIST_MODES)}; --repeats must be >= 1")
+    if not set(args.modes) <= set(DIST_MODES):
+        p.error(f"--modes takes {', '.join(DIST_MODES)}")
     cores = len(os.sched_getaffinity(0))
     args.single_threads = args.single_threads or sorted({1, cores})
     args.single_batch_sizes = args.single_batch_sizes or sorted({args.batch_size, args.global_batch})
