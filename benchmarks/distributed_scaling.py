@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from _common import log, machine, prepare_data, run_benchmark
 from crosschip import devices
+from crosschip.data import build_shards, load_tokenizer
 from crosschip.errors import CrosschipError
 from crosschip.models import count_parameters
 from crosschip.train import parallel
@@ -203,11 +204,12 @@ def _collective(name: str) -> Any:
     return getattr(dist, name, None) or getattr(dist, older[name])
 
 
-def _fsdp_ops(units: list[int], world: int, grad_accum: int, dtype: torch.dtype) -> list[Any]:
+def _fsdp_ops(units: list[int], world: int, grad_accum: int, dtype: torch.dtype,
+              device: torch.device | None = None) -> list[Any]:
     """Closures issuing FSDP2's per-step collectives in its order, on preallocated buffers."""
     gather, scatter = _collective("all_gather_single"), _collective("reduce_scatter_single")
-    full = [torch.zeros(n, dtype=dtype) for n in units]
-    shard = [torch.zeros(n // world, dtype=dtype) for n in units]
+    full = [torch.zeros(n, dtype=dtype, device=device) for n in units]
+    shard = [torch.zeros(n // world, dtype=dtype, device=device) for n in units]
 
     def ag(i: int) -> Any:
         return lambda: gather(full[i], shard[i])
@@ -229,26 +231,29 @@ def replay_step_collectives(trainer: Trainer, repeats: int) -> dict[str, Any]:
     """Time one step's collectives alone (same group, same sizes); fastest and median of `repeats`."""
     world, mode, accum = trainer.world_size, trainer.mode, trainer.cfg.grad_accum
     dtype = next(trainer.model.parameters()).dtype
-    scalar = torch.zeros(2)
+    scalar = torch.zeros(2, device=trainer.device)
     scalars = [lambda: dist.all_reduce(scalar)] * SCALAR_ALL_REDUCES[mode]
     if mode == "ddp":
-        buckets = [torch.zeros(b // dtype.itemsize, dtype=dtype) for b in ddp_buckets(trainer.step_model)]
+        buckets = [torch.zeros(b // dtype.itemsize, dtype=dtype, device=trainer.device)
+                   for b in ddp_buckets(trainer.step_model)]
         sizes = [b.numel() for b in buckets]
 
         def run() -> None:  # the reducer launches each bucket's all_reduce async, then waits for them all
             for w in [dist.all_reduce(b, async_op=True) for b in buckets]:
                 w.wait()
+            devices.synchronize(trainer.device)
             for op in scalars:
                 op()
         count = len(buckets)
     else:
         sizes = fsdp_units(trainer.model, world)
-        ops = _fsdp_ops(sizes, world, accum, dtype) + scalars
+        ops = _fsdp_ops(sizes, world, accum, dtype, trainer.device) + scalars
         count = len(ops) - len(scalars)
 
         def run() -> None:
             for op in ops:
                 op()
+            devices.synchronize(trainer.device)
     times = []
     for _ in range(repeats + 1):  # the first replay warms the buffers and gloo's connections: untimed
         dist.barrier()
@@ -316,7 +321,10 @@ def conduct(args: argparse.Namespace, workdir: Path, roles: list[str]) -> dict[s
 
 
 def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    prepare_data(workdir, CORPUS_BYTES, TrainConfig.vocab_size)
+    corpus, tok_dir = prepare_data(workdir, CORPUS_BYTES, TrainConfig.vocab_size)
+    cfg = train_config(args, workdir, "shards", "none", args.batch_size, None)
+    # The token shards once, here: the launches start together and would otherwise all build them at once.
+    build_shards(corpus, load_tokenizer(tok_dir), workdir / "cache", cfg.val_fraction, cfg.seed, progress=None)
     roles = ["single", *args.modes]
     procs: dict[str, subprocess.Popen] = {}
     try:
