@@ -5,10 +5,14 @@ the same global batch (`--global-batch` sequences per optimizer step over all ra
 precision (fp32 on CPU) and number of timed steps, through crosschip's real `Trainer`, so the loop is
 exactly what `crosschip train` runs:
   single  one plain process (no process group), for each thread count in --single-threads and each
-          micro-batch in --single-batch-sizes (grad_accum = global batch / micro-batch); these runs are
-          interleaved in one process, and the best of them is the baseline
+          micro-batch in --single-batch-sizes (grad_accum = global batch / micro-batch), all in one
+          process; the fastest of them is the baseline
   ddp     `torchrun --nproc_per_node 2` workers, `--parallel ddp`, --batch-size sequences per rank
   fsdp    the same with `--parallel fsdp` (FSDP2 `fully_shard` per decoder block, then the root)
+
+All launches start at once and take turns (class Baton): each turn times one launch's --round-steps
+steps while the others sleep, in rotating order, so that on a shared machine every run meets the same
+spells of outside load (launched one after another, the ratios measured when the load came).
 
 Communication fraction, measured, not estimated. After its timed steps each torchrun worker replays,
 in the same process group and on buffers of the same sizes, exactly the collectives one step issued:
@@ -107,8 +111,9 @@ class Baton:
     in-process rounds. Waiting is a POLL_S sleep-poll.
     """
 
-    def __init__(self, workdir: Path, role: str, is_main: bool) -> None:
+    def __init__(self, workdir: Path, role: str, is_main: bool, timeout: float) -> None:
         self.dir, self.role, self.is_main = workdir / "baton", role, is_main
+        self.deadline = time.monotonic() + timeout  # a driver that died must not leave workers polling forever
 
     def ready(self) -> None:
         parallel.barrier()  # every rank is built before the driver starts the turns
@@ -118,6 +123,8 @@ class Baton:
     def wait(self, rnd: int) -> None:
         turn = f"{self.role} {rnd}"
         while not (self.dir / "turn").is_file() or (self.dir / "turn").read_text() != turn:
+            if time.monotonic() > self.deadline:
+                raise CrosschipError(f"{self.role}: no turn {rnd} from the driver within --timeout", "rerun")
             time.sleep(POLL_S)
 
     def done(self, rnd: int) -> None:
@@ -152,7 +159,7 @@ def worker_single(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any
             name = f"single-t{threads}-b{micro}"
             cfg = train_config(args, workdir, name, "none", micro, threads)
             runners.append(ThreadedRunner(name, Trainer(cfg, StepClock(devices.resolve_device(args.device))), threads))
-    take_turns(args, Baton(workdir, "single", True), list(runners))
+    take_turns(args, Baton(workdir, "single", True, args.timeout), list(runners))
     return [run_record(r, r.threads) for r in runners]
 
 
@@ -160,8 +167,9 @@ def worker_dist(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
     """One torchrun worker: its timed turns, then (a last turn) one step's collectives replayed alone."""
     cfg = train_config(args, workdir, args.mode, args.mode, args.batch_size, args.threads)
     trainer = Trainer(cfg, StepClock(devices.resolve_device(args.device)))
+    trainer.reporter.device = trainer.device  # type: ignore[attr-defined]  # this rank's own GPU, not cuda:0
     runner = TrainerRunner(args.mode, trainer)
-    baton = Baton(workdir, args.mode, trainer.rank == 0)
+    baton = Baton(workdir, args.mode, trainer.rank == 0, args.timeout)
     try:
         take_turns(args, baton, [runner])
         last = len(schedule(args))
@@ -335,7 +343,11 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     finally:
         for proc in procs.values():  # only on failure: a finished launch has exited already
             if proc.poll() is None:
-                proc.kill()
+                proc.terminate()  # SIGTERM: torchrun's agent passes it on to its workers; SIGKILL would not
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
     rows = [row for role in roles for row in json.loads((workdir / f"result-{role}.json").read_text())]
     params = next(r["params"] for r in rows if r["mode"] == "none")
     meta = {"preset": args.preset, "params": params, "global_batch": args.global_batch, "seq_len": args.seq_len,
@@ -383,8 +395,11 @@ def print_table(s: dict[str, Any]) -> None:
               f"{r['tokens_per_s']:>9.1f}{r['median_tokens_per_s']:>10.1f}{r['ratio_vs_best_single']:>10.2f}x"
               f"{comm}")
     print(f"best single process: {s['best_single']}")
-    for mode, ok in s["no_loss_vs_best_single"].items():
-        print(f"{mode}: {'no loss' if ok else 'SLOWER'} against the best single process")
+    for r in s["runs"]:
+        if r["mode"] != "none":
+            verdict = "no loss" if s["no_loss_vs_best_single"][r["mode"]] else "SLOWER"
+            print(f"{r['mode']}: {r['ratio_vs_best_single']:.2f}x the best single process, fastest steps "
+                  f"({r['median_ratio_vs_best_single']:.2f}x by median steps): {verdict}")
 
 
 def int_list(text: str) -> list[int]:
