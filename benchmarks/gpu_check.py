@@ -12,13 +12,18 @@ check FAILs, else 0. A missing device is a SKIP (exit 0) unless `--require` make
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from _common import first_documents, log, machine, prepare_corpus, prepare_data, print_json
@@ -370,6 +375,154 @@ def check_probe(ctx: Context) -> CheckResult:
     if problems:
         summary += "; " + "; ".join(problems)
     return CheckResult(name, FAIL if problems else PASS, summary, figures)
+
+
+# ---------------------------------------------------------------- distributed: FSDP2 + DCP on one device
+
+DIST_STEPS = 2
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _process_group(device: torch.device) -> Iterator[None]:
+    """The device's backend (nccl on cuda, gloo on cpu) over a world of 1, unless torchrun set the env.
+
+    The variables it adds are removed afterwards: the other checks' Trainers read RANK/WORLD_SIZE and would
+    otherwise believe they run under torchrun.
+    """
+    import torch.distributed as dist
+
+    defaults = dict(zip(DIST_ENV, ("127.0.0.1", str(_free_port()), "0", "1", "0"), strict=True))
+    added = [k for k in DIST_ENV if k not in os.environ]
+    os.environ.update({k: defaults[k] for k in added})
+    try:
+        if device.type != "cpu":
+            devices.local_device(str(device), int(os.environ["LOCAL_RANK"]))  # bind this rank's device first
+        dist.init_process_group(devices.dist_backend(device), rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            time.sleep(0.2)  # let gloo's threads drop finished works before teardown joins them
+            dist.destroy_process_group()
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _fsdp_run(ctx: Context, precision: str, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The tiny preset (vocab 512) on the device, wrapped by crosschip's FSDP2, with crosschip's optimizer."""
+    from crosschip.models import build_model, get_preset
+    from crosschip.train import parallel
+    from crosschip.train.loop import make_optimizer
+
+    model = build_model(get_preset("tiny").build_config(512, 1, 2, 0), seed).to(ctx.device)
+    model = parallel.wrap(model, "fsdp", ctx.device, precision)
+    return model, make_optimizer(model, _dist_config(ctx), ctx.device)
+
+
+def _dist_config(ctx: Context) -> TrainConfig:
+    return TrainConfig(data=ctx.workdir / "unused", model="tiny", out=ctx.workdir / "dist", batch_size=4,
+                       seq_len=64, parallel="fsdp", seed=ctx.seed)
+
+
+def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Model and optimizer as full CPU tensors, flattened to one name -> tensor map (scalars as tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    flat: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in msd.items()}
+    for name, state in osd["state"].items():
+        flat |= {f"optim.{name}.{k}": torch.as_tensor(v) for k, v in state.items()}
+    for i, group in enumerate(osd["param_groups"]):
+        flat |= {f"group{i}.{k}": torch.as_tensor(v) for k, v in group.items() if isinstance(v, int | float)}
+    return flat
+
+
+def _unequal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    if a.keys() != b.keys():
+        return sorted(a.keys() ^ b.keys())
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def _save_reload_continue(ctx: Context, precision: str) -> dict[str, Any]:
+    """Train DIST_STEPS, DCP-save, load into a differently initialised twin, compare, take one more step on each."""
+    from crosschip.data import PackedBatches
+    from crosschip.train.loop import train_step
+    from crosschip.train.state import load_sharded, save_train_state
+
+    cfg = _dist_config(ctx)
+    tokens = np.random.default_rng(ctx.seed).integers(3, 512, size=50_000, dtype=np.int64)
+
+    def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: PackedBatches) -> float:
+        loss, _ = train_step(model, optimizer, None, loader, cfg, ctx.device, precision, None, "fsdp")
+        return float(loss)
+
+    model, optimizer = _fsdp_run(ctx, precision, ctx.seed)
+    loader = PackedBatches(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+    losses = [step(model, optimizer, loader) for _ in range(DIST_STEPS)]
+    state_dir = ctx.workdir / "dist-state"
+    t0 = time.perf_counter()
+    save_train_state(state_dir, model, optimizer, 0, devices.get_rng_state(ctx.device), {"loader": loader.state_dict()})
+    t1 = time.perf_counter()
+    twin, twin_optimizer = _fsdp_run(ctx, precision, ctx.seed + 1)  # another init: the load must overwrite it all
+    before = [k for k in _unequal(_full_state(model, optimizer), _full_state(twin, twin_optimizer))
+              if k.startswith("model.")]
+    t2 = time.perf_counter()
+    load_sharded(state_dir, twin, twin_optimizer)
+    load_s = time.perf_counter() - t2
+    twin_loader = PackedBatches(tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
+    twin_loader.load_state_dict(loader.state_dict())
+    original = _full_state(model, optimizer)
+    unequal = _unequal(original, _full_state(twin, twin_optimizer))
+    continued, resumed = step(model, optimizer, loader), step(twin, twin_optimizer, twin_loader)
+    return {
+        "precision": precision, "world_size": torch.distributed.get_world_size(),
+        "backend": torch.distributed.get_backend(), "losses": losses, "tensors_compared": len(original),
+        "optimizer_tensors": sum(k.startswith("optim.") for k in original),
+        "weights_differed_before_load": len(before), "unequal_after_load": unequal[:10],
+        "next_loss_continued": continued, "next_loss_resumed": resumed, "save_s": t1 - t0, "load_s": load_s,
+        "state_bytes": sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file()),
+    }
+
+
+@register("distributed")
+def check_distributed(ctx: Context) -> CheckResult:
+    """FSDP2 on the device over a 1-rank group: 2 steps, DCP save, reload into a fresh model, compare, continue.
+
+    Everything must be bit-identical: the reload copies bytes, and the next step's forward runs the same
+    kernels on the same weights and batch. (Weights after that step are not compared: CUDA's embedding
+    backward accumulates with atomics, in no fixed order.)
+    """
+    import torch.distributed as dist
+
+    name = "distributed"
+    if not dist.is_available():
+        return CheckResult(name, SKIP, "this torch build has no torch.distributed")
+    precision = "bf16" if "bf16" in devices.train_precisions(ctx.device) else "fp32"
+    with _process_group(ctx.device):
+        f = _save_reload_continue(ctx, precision)
+    problems = []
+    if not f["weights_differed_before_load"]:
+        problems.append("the fresh model already equalled the trained one: the reload proves nothing")
+    if f["unequal_after_load"]:
+        problems.append(f"not restored exactly: {', '.join(f['unequal_after_load'])}")
+    if f["next_loss_continued"] != f["next_loss_resumed"]:
+        problems.append("the next step's loss differs between the continued and the reloaded run")
+    summary = (f"FSDP2 {f['precision']} over {f['backend']} (world {f['world_size']}): {DIST_STEPS} steps "
+               f"(loss {f['losses'][0]:.4f} -> {f['losses'][-1]:.4f}), DCP save {f['save_s']:.2f} s / load "
+               f"{f['load_s']:.2f} s ({f['state_bytes'] / 1e6:.1f} MB); {f['tensors_compared']} tensors "
+               f"({f['optimizer_tensors']} optimizer) equal after reload: {not f['unequal_after_load']}; next "
+               f"loss continued {f['next_loss_continued']:.6f} vs reloaded {f['next_loss_resumed']:.6f}")
+    if problems:
+        summary += "; " + "; ".join(problems)
+    return CheckResult(name, FAIL if problems else PASS, summary, f)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
