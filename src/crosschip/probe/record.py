@@ -43,6 +43,7 @@ from crosschip.probe.stats import (
     merge_raw,
     raw_stats,
 )
+from crosschip.train.parallel import full_value
 
 MODES = ("stats", "tensors")
 _RANGE = re.compile(r"(\d+)(-(\d+)?)?")
@@ -145,17 +146,6 @@ def is_dtensor(x: Any) -> bool:
 def local(x: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (no communication); any other tensor as is."""
     return x.to_local() if is_dtensor(x) else x
-
-
-def plain_scalar(x: torch.Tensor) -> torch.Tensor:
-    """A loss or grad norm as a plain tensor. A replicated DTensor (FSDP2's clip_grad_norm_) is read locally;
-    any other placement needs `full_tensor()`, a collective: end_step runs on every rank at every step,
-    so every rank reaches it, in the same order."""
-    if not is_dtensor(x):
-        return x
-    from torch.distributed.tensor import Replicate
-
-    return x.to_local() if all(isinstance(p, Replicate) for p in x.placements) else x.full_tensor()
 
 
 def grad_scope(params: list[list[tuple[str, torch.nn.Parameter]]]) -> str:
@@ -285,7 +275,9 @@ class Recorder:
     @torch.no_grad()
     def end_step(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
         """Queue the step's loss/grad norm/scale; on a selected step copy everything to the host, once."""
-        loss, grad_norm = plain_scalar(loss), plain_scalar(grad_norm)
+        # A DTensor norm (FSDP2's clip_grad_norm_): end_step runs on every rank at every step, so the
+        # collective full_value may need is reached by all ranks in the same order.
+        loss, grad_norm = full_value(loss), full_value(grad_norm)
         values = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(()),
                               self._scale])
         self._pending.append((step, lr, values))

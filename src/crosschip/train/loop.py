@@ -152,9 +152,10 @@ class Trainer:
         self.launch = parallel.launch_env()
         self.rank, self.world_size = self.launch.rank, self.launch.world_size
         self.mode = parallel.resolve_mode(cfg.parallel, self.launch)  # bad input fails on every rank alike
-        launch = self.launch
-        self.device = devices.local_device(cfg.device, launch.local_rank) if launch.torchrun else \
-            devices.resolve_device(cfg.device)
+        if self.launch.torchrun:
+            self.device = devices.local_device(cfg.device, self.launch.local_rank)
+        else:
+            self.device = devices.resolve_device(cfg.device)
         self.precision = devices.default_precision(self.device) if cfg.precision == "auto" else cfg.precision
         devices.check_precision(self.device, self.precision)
         parallel.check_precision(self.mode, self.precision)
@@ -167,7 +168,7 @@ class Trainer:
         state_dir = self.out / step_dir_name(resume_step) / "train_state" if resume_step is not None else None
         self.meta = load_meta(state_dir) if state_dir is not None else None
         cfg.grad_accum = accumulation(cfg, self.world_size, self.meta, reporter.log)
-        parallel.init_group(self.device, self.launch)
+        self.control = parallel.init_group(self.device, self.launch)  # stop flags travel on the CPU
         self.inputs: RunInputs = prepare_inputs(cfg, resume_step, reporter.log)
         if cfg.probe:
             from crosschip.probe.record import select_modules
@@ -257,8 +258,7 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
             "last_loss": self.last_loss, "last_val": self.last_val,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "loader": self.loader.state_dict(), "global_batch": self.loader.global_batch,
-            "world_size": self.world_size, "parallel": self.mode, "segments": self.segments,
+            "loader": self.loader.state_dict(), "segments": self.segments,  # the loader state holds the global batch
         }
 
     def save(self) -> Path:
@@ -343,8 +343,6 @@ class Trainer:
         from crosschip.probe.record import ProbeConfig, Recorder
 
         probe = ProbeConfig(self.cfg.probe, self.cfg.probe_modules, self.cfg.probe_steps)
-        if self.world_size == 1:
-            return Recorder(self.model, probe, self.out, self.device, self.precision, self.scaler)
         return Recorder(self.model, probe, self.out, self.device, self.precision, self.scaler,
                         rank=self.rank, world_size=self.world_size)
 
@@ -369,7 +367,7 @@ class Trainer:
             while self.step < last and stopped_by is None:
                 loss, grad_norm, lr = self._one_step()
                 # One decision for all ranks: a signal or the clock on any rank stops every rank here.
-                signalled, out_of_time = parallel.any_rank([bool(received), self._over_budget(run_t0)], self.device)
+                signalled, out_of_time = parallel.any_rank([bool(received), self._over_budget(run_t0)], self.control)
                 final = self.step == last or out_of_time or signalled
                 eval_due = final or self.step % cfg.eval_every == 0
                 if eval_due or self.step % cfg.log_every == 0:
@@ -395,7 +393,7 @@ class Trainer:
 def accumulation(cfg: TrainConfig, world_size: int, meta: dict[str, Any] | None, log: Callable[[str], None]) -> int:
     """Micro-batches per rank and step, so the global batch is --global-batch, or the resumed run's."""
     per_step = cfg.batch_size * world_size
-    saved = meta.get("global_batch") if meta else None
+    saved = meta["loader"].get("global_batch") if meta else None
     target = cfg.global_batch if cfg.global_batch is not None else saved
     if target is None:
         return cfg.grad_accum
@@ -408,10 +406,12 @@ def accumulation(cfg: TrainConfig, world_size: int, meta: dict[str, Any] | None,
     return target // per_step
 
 
-def export_state_dict(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
-    """The full, unsharded weights for the HF checkpoint: rank 0 receives them on the CPU, one copy."""
+def export_state_dict(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor] | None:
+    """The full, unsharded weights for the HF checkpoint: rank 0 receives them on the CPU, one copy.
+
+    None in one process: save_pretrained then reads the model's own tensors."""
     if mode == "none":
-        return model.state_dict()
+        return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -7,6 +7,7 @@ Without torchrun the same code runs as one process with no process group at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -77,18 +78,22 @@ def default_threads(launch: Launch) -> int:
     return max(1, cores // max(1, launch.local_world_size))
 
 
-def init_group(device: torch.device, launch: Launch) -> None:
-    """The default process group, its store keys scoped to this torchrun attempt.
+def init_group(device: torch.device, launch: Launch) -> Any:
+    """The default process group, its store keys scoped to this torchrun attempt; returns the control group.
 
     torchrun's agent keeps one store across restarts: without the prefix a restarted worker can read
     a dead worker's gloo address from the previous attempt and fail to connect (seen here, 1 in 3).
+    The control group carries the per-step stop flags on the CPU: a gloo group beside nccl/hccl, so
+    reading them never waits for the device to finish the step (None: the default group is gloo).
     """
-    if not launch.torchrun or dist.is_initialized():
-        return
-    store, rank, world = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
-    store = dist.PrefixStore(f"crosschip/attempt-{launch.restart}", store)
-    dist.init_process_group(devices.dist_backend(device), store=store, rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
+    if not launch.torchrun:
+        return None
+    if not dist.is_initialized():
+        store, rank, world = next(dist.rendezvous("env://", timeout=COLLECTIVE_TIMEOUT))
+        store = dist.PrefixStore(f"crosschip/attempt-{launch.restart}", store)
+        dist.init_process_group(devices.dist_backend(device), store=store, rank=rank, world_size=world,
+                                timeout=COLLECTIVE_TIMEOUT)
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
 
 
 def shutdown() -> None:
@@ -126,12 +131,12 @@ def mean_across_ranks(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Element-wise OR over ranks: every rank stops (and saves) at the same step."""
+def any_rank(flags: list[bool], control: Any) -> list[bool]:
+    """Element-wise OR over ranks (a CPU tensor on init_group's control group): every rank stops at one step."""
     if not active():
         return flags
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control)
     return [bool(v) for v in t.tolist()]
 
 
@@ -183,8 +188,6 @@ def autocast_precision(mode: str, precision: str) -> str:
 
 def micro_sync(model: nn.Module, mode: str, last: bool) -> Any:
     """Gradient sync only on the last micro-batch of a step: one all-reduce (or reduce-scatter) per step."""
-    import contextlib
-
     if mode == "ddp" and not last:
         return model.no_sync()  # type: ignore[operator]
     if mode == "fsdp":

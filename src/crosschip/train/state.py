@@ -26,6 +26,7 @@ import torch
 from crosschip.checkpoint import LATEST_POINTER
 from crosschip.errors import CrosschipError
 from crosschip.fsio import atomic_write_bytes
+from crosschip.train import parallel
 
 STATE_FILE = "state.pt"  # the single-file state of runs saved before sharded checkpoints
 DCP_DIR = "dcp"
@@ -55,7 +56,7 @@ def save_train_state(dir_: Path, model: torch.nn.Module, optimizer: torch.optim.
 
     dir_.mkdir(parents=True, exist_ok=True)
     with _single_process_quiet():
-        dcp.save(_model_and_optim(model, optimizer), checkpoint_id=dir_ / DCP_DIR, no_dist=not _dist_active())
+        dcp.save(_model_and_optim(model, optimizer), checkpoint_id=dir_ / DCP_DIR, no_dist=not parallel.active())
     torch.save({**rng, "python": random.getstate()}, dir_ / _rng_file(rank))
     if meta is not None:
         torch.save(meta, dir_ / META_FILE)
@@ -80,7 +81,7 @@ def load_sharded(dir_: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     state = _model_and_optim(model, optimizer)
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=dir_ / DCP_DIR, no_dist=not _dist_active())
+            dcp.load(state, checkpoint_id=dir_ / DCP_DIR, no_dist=not parallel.active())
     # DCP gathers every rank's failure into a CheckpointException (a BaseException, not an Exception).
     except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
@@ -114,10 +115,6 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
-def _dist_active() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def complete_steps(out: Path) -> list[int]:
