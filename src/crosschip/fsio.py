@@ -19,7 +19,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,6 @@ _CLOCK_SLACK_S = 2.0  # process start times are rounded; a temporary is never ol
 
 def _report_reclaimed(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-on_reclaim: Callable[[str], None] = _report_reclaimed  # where "removed stale temporary ..." lines go
 
 
 def temp_prefix(final: Path, kind: str = "tmp") -> str:
@@ -89,8 +86,8 @@ def reclaim_stale(directory: Path) -> list[Path]:
         except OSError:  # reclaimed by another writer first, or not ours to remove (another user's, in /tmp)
             continue
         removed.append(path)
-        on_reclaim(f"removed stale temporary {path} ({size / 2**20:.1f} MiB) left by process {match['pid']}, "
-                   "which is gone")
+        _report_reclaimed(f"removed stale temporary {path} ({size / 2**20:.1f} MiB) "
+                          f"left by process {match['pid']}, which is gone")
     return removed
 
 

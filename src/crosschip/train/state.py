@@ -130,9 +130,7 @@ def mark_latest(out: Path, step: int) -> None:
 
 
 def prune(out: Path, keep: int) -> None:
-    """Drop old step checkpoints and temp leftovers of interrupted saves."""
+    """Drop old step checkpoints. Temporaries of interrupted saves are fsio's: every atomic writer
+    (the next save, `latest`) reclaims those whose owner process is gone."""
     for step in complete_steps(out)[:-keep]:
         shutil.rmtree(out / step_dir_name(step), ignore_errors=True)
-    for p in out.iterdir():
-        if p.name.startswith(".step-") and ".tmp-" in p.name or ".old-" in p.name:
-            shutil.rmtree(p, ignore_errors=True)
