@@ -4,14 +4,16 @@ Accepted inputs are a single file or a directory (searched recursively) of:
   * ``.txt``     one document per file (UTF-8) in a directory; a single ``.txt`` file given as the data
                  (``crosschip train --data input.txt``, as nanoGPT users do) is split into documents on blank
                  lines, and one unbroken text is split by position instead (`shards.py`),
-  * ``.jsonl``   one JSON object per line with a string field ``"text"``,
+  * ``.jsonl``   one JSON object per line with a string field ``"text"`` (``.jsonl.gz``: the same, gzipped),
   * ``.parquet`` a string column ``"text"``, read one row group at a time.
+The text field/column is ``text`` unless a caller names another (``--text-key``).
 Empty documents are skipped everywhere: they carry no tokens, only BOS/EOS noise.
 """
 
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import json
 import os
@@ -20,14 +22,16 @@ import sysconfig
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from crosschip.errors import CrosschipError
 from crosschip.fsio import atomic_write_bytes
 
-ACCEPTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+ACCEPTED_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 PARQUET_MAGIC = b"PAR1"
+GZIP_MAGIC = b"\x1f\x8b"
 _HASH_CHUNK = 1 << 20
 
 # Stdlib directories that hold tests, GUI demos, vendored packages or generated data rather
@@ -54,7 +58,8 @@ _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")  # a line holding only whitesp
 
 
 def _suffix(path: Path) -> str:
-    return path.suffix.lower()
+    name = path.name.lower()
+    return ".jsonl.gz" if name.endswith(".jsonl.gz") else path.suffix.lower()
 
 
 def _check_readable(path: Path) -> None:
@@ -118,8 +123,8 @@ def _iter_txt(path: Path) -> Iterator[str]:
         yield text
 
 
-def _jsonl_text(raw: bytes, where: str) -> str:
-    """Decode one JSONL line and return its "text" field."""
+def _jsonl_text(raw: bytes, where: str, text_key: str = "text") -> str:
+    """Decode one JSONL line and return its text field."""
     try:
         obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -128,22 +133,35 @@ def _jsonl_text(raw: bytes, where: str) -> str:
         raise CrosschipError(
             f"{where}: invalid JSON ({e.msg})", 'write one JSON object per line: {"text": "..."}'
         ) from e
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+    if not isinstance(obj, dict) or not isinstance(obj.get(text_key), str):
+        keys = ", ".join(list(obj)[:8]) if isinstance(obj, dict) else type(obj).__name__
         raise CrosschipError(
-            f'{where}: expected a JSON object with a string field "text"',
-            'write one JSON object per line: {"text": "..."}',
+            f'{where}: expected a JSON object with a string field "{text_key}" (found: {keys})',
+            "pass --text-key with the field that holds the documents",
         )
-    return obj["text"]
+    return obj[text_key]
 
 
-def _iter_jsonl(path: Path) -> Iterator[str]:
+def _open_jsonl(path: Path) -> BinaryIO:
+    if _suffix(path) != ".jsonl.gz":
+        return open(path, "rb")  # noqa: SIM115 - the caller's with-block closes it
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            text = _jsonl_text(raw, f"{path}:{lineno}")
-            if text:
-                yield text
+        if f.read(2) != GZIP_MAGIC:
+            raise CrosschipError(f"{path} is not gzip-compressed", "gzip it or rename it to .jsonl")
+    return gzip.open(path, "rb")  # type: ignore[return-value]
+
+
+def _iter_jsonl(path: Path, text_key: str = "text") -> Iterator[str]:
+    with _open_jsonl(path) as f:
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                text = _jsonl_text(raw, f"{path}:{lineno}", text_key)
+                if text:
+                    yield text
+        except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
+            raise CrosschipError(f"{path}: cannot decompress ({e})", "re-compress the file") from e
 
 
 def _check_parquet_magic(path: Path) -> None:
@@ -161,7 +179,7 @@ def _check_parquet_magic(path: Path) -> None:
         )
 
 
-def _iter_parquet(path: Path) -> Iterator[str]:
+def _iter_parquet(path: Path, text_key: str = "text") -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -171,17 +189,17 @@ def _iter_parquet(path: Path) -> Iterator[str]:
     except (pa.ArrowException, OSError) as e:
         raise CrosschipError(f"{path}: cannot open parquet file ({e})", "re-export the file as parquet") from e
     schema = pf.schema_arrow
-    if "text" not in schema.names:
+    if text_key not in schema.names:
         raise CrosschipError(
-            f'{path} has no "text" column (columns: {", ".join(schema.names[:10])})',
-            'rename the column holding the documents to "text"',
+            f'{path} has no "{text_key}" column (columns: {", ".join(schema.names[:10])})',
+            "pass --text-key with the column that holds the documents",
         )
-    field_type = schema.field("text").type
+    field_type = schema.field(text_key).type
     if not (pa.types.is_string(field_type) or pa.types.is_large_string(field_type)):
-        raise CrosschipError(f'{path}: column "text" has type {field_type}, not string', "store text as strings")
+        raise CrosschipError(f'{path}: column "{text_key}" has type {field_type}, not string', "store text as strings")
     for i in range(pf.num_row_groups):
         try:
-            column = pf.read_row_group(i, columns=["text"]).column("text")
+            column = pf.read_row_group(i, columns=[text_key]).column(text_key)
         except (pa.ArrowException, OSError) as e:
             raise CrosschipError(f"{path}: cannot read row group {i} ({e})", "re-export the file") from e
         for text in column.to_pylist():
@@ -213,19 +231,25 @@ def split_by_position(text: str, val_fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def iter_file_documents(files: list[Path], paragraphs: bool = False) -> Iterator[str]:
+def iter_file_documents(files: list[Path], paragraphs: bool = False, text_key: str = "text") -> Iterator[str]:
     """Yield every non-empty document of the given data files, in order.
 
     `paragraphs`: the files are .txt files whose blank-line separated blocks are the documents."""
-    readers = {".txt": _iter_txt, ".jsonl": _iter_jsonl, ".parquet": _iter_parquet}
     for f in files:
-        for doc in readers[_suffix(f)](f):
+        kind = _suffix(f)
+        if kind == ".txt":
+            docs = _iter_txt(f)
+        elif kind == ".parquet":
+            docs = _iter_parquet(f, text_key)
+        else:
+            docs = _iter_jsonl(f, text_key)
+        for doc in docs:
             yield from split_paragraphs(doc) if paragraphs else (doc,)
 
 
-def iter_documents(path: Path) -> Iterator[str]:
+def iter_documents(path: Path, text_key: str = "text") -> Iterator[str]:
     """Yield every non-empty document under `path`, in a deterministic order."""
-    yield from iter_file_documents(list_data_files(path), paragraphs=is_single_text(path))
+    yield from iter_file_documents(list_data_files(path), paragraphs=is_single_text(path), text_key=text_key)
 
 
 def _file_sha256(path: Path) -> str:
