@@ -12,10 +12,12 @@ from rich.text import Text
 
 from crosschip.cli_common import JsonOpt, err, make_app, out, run_app
 from crosschip.cli_common import print_json as _print_json
+from crosschip.data.cli import data_app
 from crosschip.errors import CrosschipError
 from crosschip.probe.cli import probe_app
 
 app = make_app("crosschip", "Train where you can, convert for where you must serve, check, verify and serve.")
+app.add_typer(data_app, name="data")
 app.add_typer(probe_app, name="probe")
 
 
