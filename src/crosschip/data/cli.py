@@ -31,6 +31,74 @@ def executor_config(executor: str, tasks: int, workers: int | None, ray_address:
 # --- data curate ---------------------------------------------------------------------------------------------------
 
 
+@data_app.command()
+def curate(
+    inp: Annotated[Path, typer.Argument(metavar="IN", help="Corpus: .jsonl(.gz)/.parquet/.txt file or directory.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory (kept shards, removed, report).")],
+    preset: Annotated[str, typer.Option(help="Filter thresholds: web (FineWeb's) | docs (short technical docs).")]
+    = "web",
+    no_gopher_repetition: Annotated[bool, typer.Option("--no-gopher-repetition")] = False,
+    no_gopher_quality: Annotated[bool, typer.Option("--no-gopher-quality")] = False,
+    no_c4_quality: Annotated[bool, typer.Option("--no-c4-quality")] = False,
+    no_fineweb_quality: Annotated[bool, typer.Option("--no-fineweb-quality")] = False,
+    no_pii: Annotated[bool, typer.Option("--no-pii", help="Keep emails and public IPs.")] = False,
+    no_exact_dedup: Annotated[bool, typer.Option("--no-exact-dedup")] = False,
+    no_minhash: Annotated[bool, typer.Option("--no-minhash", help="Skip near-duplicate removal.")] = False,
+    lid_model: Annotated[Path | None, typer.Option(help="Local fastText language-ID model (.bin): keeps only "
+                                                        "--language documents. Nothing is downloaded.")] = None,
+    language: Annotated[list[str] | None, typer.Option(help="Language(s) to keep with --lid-model.")] = None,
+    lid_threshold: Annotated[float, typer.Option(help="Minimum language score to keep a document.")] = 0.65,
+    output_format: Annotated[str, typer.Option("--format", help="Kept shards: jsonl.gz | parquet.")] = "jsonl.gz",
+    text_key: TextKeyOpt = "text",
+    executor: ExecutorOpt = "local",
+    tasks: TasksOpt = 2,
+    workers: WorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    slurm_partition: PartitionOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Filter (Gopher, C4, FineWeb), redact PII, remove exact and near duplicates: datatrove, offline.
+
+    Restartable: run the same command again after a crash and finished tasks are skipped. OUT/report.html
+    shows what each step removed and why, with examples."""
+    from crosschip.data.curate.config import FILTERS, CurateConfig
+    from crosschip.data.curate.run import curate as run_curate
+
+    skip = {"gopher_repetition": no_gopher_repetition, "gopher_quality": no_gopher_quality,
+            "c4_quality": no_c4_quality, "fineweb_quality": no_fineweb_quality}
+    cfg = CurateConfig(preset=preset, filters=tuple(f for f in FILTERS if not skip[f]), pii=not no_pii,
+                       exact_dedup=not no_exact_dedup, minhash=not no_minhash,
+                       lid_model=str(lid_model) if lid_model else None, languages=tuple(language or ["en"]),
+                       lid_threshold=lid_threshold, text_key=text_key, output_format=output_format)
+    ex = executor_config(executor, tasks, workers, ray_address, slurm_partition)
+    log = (lambda _: None) if json_out else (lambda m: err.print(m, highlight=False))
+    report = run_curate(inp, out, cfg, ex, overwrite=overwrite, log=log, progress=err.is_terminal and not json_out)
+    if json_out:
+        print_json({"out": str(out), **({"summary": report["summary"], "steps": [
+            {k: v for k, v in s.items() if k != "examples"} for s in report["steps"]]} if "summary" in report
+            else report)})
+        return
+    if "summary" not in report:
+        err.print(f"submitted {len(report['stages'])} Slurm stages; when they finish, run the same command with "
+                  "--executor local to publish and report", highlight=False)
+        return
+    _print_curate_summary(report, out)
+
+
+def _print_curate_summary(report: dict, out: Path) -> None:
+    s = report["summary"]
+    err.print(f"kept {s['documents_out']:,} of {s['documents_in']:,} documents "
+              f"({s['bytes_out'] or 0:,} of {s['bytes_in'] or 0:,} bytes) in {s['seconds']:.1f} s "
+              f"({s['docs_per_s']:.0f} docs/s)", highlight=False)
+    for step in report["steps"]:
+        if step["dropped"]:
+            top = ", ".join(f"{k} {v}" for k, v in list(step["reasons"].items())[:4])
+            err.print(f"  {step['step']}: removed {step['dropped']:,}" + (f" ({top})" if top else ""),
+                      highlight=False)
+    err.print(f"report: {out / 'report.html'}", highlight=False)
+
+
 # --- data tokenize -------------------------------------------------------------------------------------------------
 
 

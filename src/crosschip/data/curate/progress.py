@@ -1,0 +1,79 @@
+"""Progress of a running stage, read from files the workers write (works for forked workers and local Ray alike)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+def _count(folder: Path) -> int:
+    total = 0
+    if folder.is_dir():
+        for f in folder.iterdir():
+            if not f.name.endswith(".tmp"):
+                with contextlib.suppress(OSError, ValueError):
+                    total += int(f.read_text() or 0)
+    return total
+
+
+def _tasks_done(logging_dir: Path) -> int:
+    done = logging_dir / "completions"
+    return sum(1 for _ in done.iterdir()) if done.is_dir() else 0
+
+
+@contextlib.contextmanager
+def quiet_stderr(log_path: Path) -> Iterator[IO[str]]:
+    """Send fd 2 (datatrove's per-task console logs, which also go to its log files) to `log_path`.
+
+    Yields a stream on the original stderr for crosschip's own progress display.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        stream = os.fdopen(os.dup(saved), "w", buffering=1)
+        try:
+            yield stream
+        finally:
+            stream.close()
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def stage_progress(stream: IO[str], label: str, logging_dir: Path, tasks: int, docs_total: int | None,
+                   enabled: bool) -> Iterator[None]:
+    """A bar over documents (when the stage reads documents and their number is known) or over tasks."""
+    if not enabled:
+        yield
+        return
+    console = Console(file=stream, stderr=False)
+    unit = "docs" if docs_total else "tasks"
+    total = docs_total or tasks
+    columns = (TextColumn(f"{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn())
+    stop = threading.Event()
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+
+        def poll() -> None:
+            while not stop.wait(0.5):
+                done = _count(logging_dir / "progress") if docs_total else _tasks_done(logging_dir)
+                bar.update(task, completed=min(done, total))
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
