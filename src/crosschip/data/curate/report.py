@@ -47,27 +47,33 @@ def _folder_for(name: str) -> str | None:
     return None
 
 
+def count(value: Any) -> int:
+    """A datatrove stat as a number: a plain count, or a merged metric ({"total": ..., "n": ..., ...})."""
+    if isinstance(value, dict):
+        return int(value.get("total", 0))
+    return int(value) if isinstance(value, (int, float)) else 0
+
+
 def _step_row(stage: StageResult, step: dict[str, Any]) -> dict[str, Any]:
     stats = step.get("stats", {})
-    total = int(stats.get("total", 0))
-    dropped = int(stats.get("dropped", 0))
+    total = count(stats.get("total", 0))
+    dropped = count(stats.get("dropped", 0))
     seconds = float(step.get("time_stats", {}).get("total", 0.0))
-    reasons = {k.removeprefix("dropped_"): int(v) for k, v in stats.items()
-               if k.startswith("dropped_") and isinstance(v, (int, float))}
-    lines = {k: int(v) for k, v in stats.items() if k.startswith("line-filter-") and isinstance(v, (int, float))}
+    reasons = {k.removeprefix("dropped_"): count(v) for k, v in stats.items() if k.startswith("dropped_")}
+    lines = {k: count(v) for k, v in stats.items() if k.startswith("line-filter-")}
     name = _short_name(step.get("name", ""))
     doc_len = stats.get("doc_len")
     return {
         "stage": stage.name, "step": name, "removed_folder": _folder_for(name) if dropped else None,
         "docs_in": total, "docs_out": total - dropped, "dropped": dropped,
-        "chars_out": int(doc_len["total"]) if isinstance(doc_len, dict) else None,
+        "chars_out": count(doc_len) if doc_len is not None else None,
         "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])), "line_edits": lines,
         "seconds": seconds, "docs_per_s": total / seconds if seconds > 0 else None,
     }
 
 
 def _buckets(stats: dict[str, Any], prefix: str) -> dict[str, int]:
-    pairs = [(int(k[len(prefix):]), int(v)) for k, v in stats.items() if k.startswith(prefix)]
+    pairs = [(int(k[len(prefix):]), count(v)) for k, v in stats.items() if k.startswith(prefix)]
     return {str(k): v for k, v in sorted(pairs)}
 
 
@@ -79,8 +85,7 @@ def _measurements(results: list[StageResult]) -> dict[str, Any]:
             if name.endswith("lengths in") or name.endswith("lengths out"):
                 side = "in" if name.endswith("in") else "out"
                 found["lengths"][side] = _buckets(stats, "len_2^")
-                size = stats.get("bytes", 0)  # a datatrove metric: {"total": ..., "n": ..., ...}
-                found["bytes"][side] = int(size.get("total", 0) if isinstance(size, dict) else size)
+                found["bytes"][side] = count(stats.get("bytes", 0))
                 found["docs_" + side] = sum(found["lengths"][side].values())
             elif name.endswith("cluster sizes"):
                 found["clusters"] = _buckets(stats, "cluster_")

@@ -81,8 +81,10 @@ def _with_progress(stage: Stage, logging_dir: Path) -> list[Any]:
 
 def kept_documents(stats: list[dict[str, Any]]) -> int | None:
     """Documents the stage's writer wrote (the last WRITER step's total)."""
+    from crosschip.data.curate.report import count
+
     writers = [s for s in stats if "WRITER" in s.get("name", "")]
-    return int(writers[-1]["stats"].get("total", 0)) if writers else None
+    return count(writers[-1]["stats"].get("total", 0)) if writers else None
 
 
 def _run_stages(stages: list[Stage], work: Path, executor: ExecutorConfig, docs_in: int, log: Log,
