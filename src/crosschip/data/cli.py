@@ -64,6 +64,11 @@ def curate(
     shows what each step removed and why, with examples."""
     from crosschip.data.curate.config import FILTERS, CurateConfig
     from crosschip.data.curate.run import curate as run_curate
+    from crosschip.errors import CrosschipError
+
+    if language and lid_model is None:  # datatrove's LanguageFilter would download its fastText model
+        raise CrosschipError("--language needs a local language-ID model (crosschip downloads nothing)",
+                             "pass --lid-model PATH (a fastText model such as lid.176.bin)")
 
     skip = {"gopher_repetition": no_gopher_repetition, "gopher_quality": no_gopher_quality,
             "c4_quality": no_c4_quality, "fineweb_quality": no_fineweb_quality}
