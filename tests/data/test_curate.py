@@ -156,3 +156,20 @@ def test_other_settings_in_existing_out_refused(small: tuple[Path, Path], tmp_pa
     proc = subprocess.run(_curate_argv(inp, local), capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "already holds this curation" in proc.stderr
     assert tree_bytes(local, "data", "removed") == before
+
+
+def test_slurm_stages_are_chained_job_arrays(small: tuple[Path, Path], tmp_path: Path) -> None:
+    """Not submitted (no Slurm here): the executors datatrove would submit, one per stage, each depending on the last."""
+    from crosschip.data.curate.pipeline import build_stages
+    from crosschip.data.executors import slurm_chain
+    from crosschip.data.sources import build_readers, open_source
+
+    inp, _ = small
+    cfg = ExecutorConfig(kind="slurm", tasks=4, workers=2, slurm_partition="cpu")
+    stages = build_stages(DOCS, build_readers(open_source(inp), tmp_path / "inputs"), tmp_path, cfg.tasks)
+    last = slurm_chain(cfg, [(s.name, s.steps, tmp_path / "logs" / s.name, s.tasks) for s in stages])
+    chain = []
+    while last is not None:
+        chain.append((last.job_name, last.get_sbatch_args()["partition"], last.tasks))
+        last = last.depends
+    assert chain[::-1] == [(f"crosschip-{s.name}", "cpu", s.tasks) for s in stages]

@@ -72,7 +72,8 @@ def read_stats(logging_dir: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
 
 
-def _make(cfg: ExecutorConfig, pipeline: Sequence[Any], logging_dir: Path, tasks: int, name: str) -> Any:
+def _make(cfg: ExecutorConfig, pipeline: Sequence[Any], logging_dir: Path, tasks: int, name: str,
+          depends: Any = None) -> Any:
     workers = min(cfg.workers, tasks)
     if cfg.kind == "local":
         from datatrove.executor import LocalPipelineExecutor
@@ -89,7 +90,7 @@ def _make(cfg: ExecutorConfig, pipeline: Sequence[Any], logging_dir: Path, tasks
 
     return SlurmPipelineExecutor(
         list(pipeline), tasks=tasks, workers=workers, logging_dir=str(logging_dir), job_name=f"crosschip-{name}",
-        partition=cfg.slurm_partition, time=cfg.slurm_time, venv_path=cfg.slurm_venv or _this_venv(),
+        partition=cfg.slurm_partition, time=cfg.slurm_time, venv_path=cfg.slurm_venv or _this_venv(), depends=depends,
     )
 
 
@@ -113,6 +114,14 @@ def run_stage(cfg: ExecutorConfig, name: str, pipeline: Sequence[Any], logging_d
         raise CrosschipError(f"stage {name}: {tasks - completed_tasks(logging_dir)} task(s) failed "
                              f"(logs: {logging_dir / 'logs'})", "fix the cause and run the same command again")
     return StageResult(name, time.perf_counter() - start, skipped, read_stats(logging_dir))
+
+
+def slurm_chain(cfg: ExecutorConfig, stages: Sequence[tuple[str, Sequence[Any], Path, int]]) -> Any:
+    """Slurm executors for the stages, each depending on the one before (`.run()` on the last submits them all)."""
+    last = None
+    for name, pipeline, logging_dir, tasks in stages:
+        last = _make(cfg, pipeline, logging_dir, tasks, name, depends=last)
+    return last
 
 
 @contextmanager

@@ -87,13 +87,27 @@ def kept_documents(stats: list[dict[str, Any]]) -> int | None:
     return count(writers[-1]["stats"].get("total", 0)) if writers else None
 
 
+def _submit_slurm(stages: list[Stage], work: Path, executor: ExecutorConfig, log: Log) -> None:
+    """Submit every stage as a Slurm job array depending on the previous one; nothing waits for them here."""
+    from crosschip.data.executors import slurm_chain
+
+    chain = [(s.name, _with_progress(s, _logging_dir(work, i, s)), _logging_dir(work, i, s), s.tasks)
+             for i, s in enumerate(stages, start=1)]
+    slurm_chain(executor, chain).run()
+    log(f"submitted {len(stages)} dependent Slurm job arrays (logs under {work / 'logs'})")
+
+
+def _logging_dir(work: Path, i: int, stage: Stage) -> Path:
+    return work / "logs" / f"{i:02d}-{stage.name}"
+
+
 def _run_stages(stages: list[Stage], work: Path, executor: ExecutorConfig, docs_in: int, log: Log,
                 show_progress: bool) -> list[StageResult]:
     results: list[StageResult] = []
     docs = docs_in
     with cluster(executor):
         for i, stage in enumerate(stages, start=1):
-            logging_dir = work / "logs" / f"{i:02d}-{stage.name}"
+            logging_dir = _logging_dir(work, i, stage)
             label = f"[{i}/{len(stages)}] {stage.name}"
             reads_docs = any(isinstance(s, BaseReader) for s in stage.steps)
             total = docs if reads_docs else None
@@ -167,10 +181,11 @@ def curate(inp: Path, out: Path, cfg: CurateConfig, executor: ExecutorConfig, *,
     work = out / WORK_DIR
     stages = build_stages(cfg, build_readers(source, work / "inputs"), work, executor.tasks)
     log(f"curating {source.documents:,} documents from {len(source.files)} file(s): {len(stages)} stages")
+    if executor.kind == "slurm":
+        _submit_slurm(stages, work, executor, log)
+        return {"submitted": True, "out": str(out), "stages": [s.name for s in stages]}
     start = time.perf_counter()
     results = _run_stages(stages, work, executor, source.documents, log, progress)
-    if executor.kind == "slurm":
-        return {"submitted": True, "out": str(out), "stages": [s.name for s in stages]}
     _publish(work, out)
     report = build_report(cfg, manifest, results, out, time.perf_counter() - start)
     write_report(report, out)
