@@ -159,7 +159,7 @@ def test_other_settings_in_existing_out_refused(small: tuple[Path, Path], tmp_pa
 
 
 def test_slurm_stages_are_chained_job_arrays(small: tuple[Path, Path], tmp_path: Path) -> None:
-    """Not submitted (no Slurm here): the executors datatrove would submit, one per stage, each depending on the last."""
+    """Not submitted (no Slurm here): the executors datatrove would submit, each depending on the one before."""
     from crosschip.data.curate.pipeline import build_stages
     from crosschip.data.executors import slurm_chain
     from crosschip.data.sources import build_readers, open_source
