@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
 import json
 import platform
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 import crosschip
 from crosschip.errors import CrosschipError
-from crosschip.fsio import atomic_dir, atomic_write_json, normalize_modes
+from crosschip.fsio import atomic_dir, atomic_write_json, normalize_modes, sha256_file
 
 # crosschip reports its own progress; transformers' per-call bars would interleave with it.
 transformers.utils.logging.disable_progress_bar()
@@ -38,14 +37,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 LATEST_POINTER = "latest"  # a training run directory names its newest checkpoint in this file
-
-
-def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_member(root: Path, name: str, what: str) -> Path:

@@ -32,6 +32,14 @@ _TAGGED = re.compile(r"^\..+\.(?:tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[a-
 _CLOCK_SLACK_S = 2.0  # process start times are rounded; a temporary is never older than its writer by more
 
 
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
 def _report_reclaimed(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -27,12 +27,11 @@ from typing import BinaryIO
 import numpy as np
 
 from crosschip.errors import CrosschipError
-from crosschip.fsio import atomic_write_bytes
+from crosschip.fsio import atomic_write_bytes, sha256_file
 
 ACCEPTED_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 PARQUET_MAGIC = b"PAR1"
 GZIP_MAGIC = b"\x1f\x8b"
-_HASH_CHUNK = 1 << 20
 
 # Stdlib directories that hold tests, GUI demos, vendored packages or generated data rather
 # than documented library code; parsing them would only add noise (and time).
@@ -252,14 +251,6 @@ def iter_documents(path: Path, text_key: str = "text") -> Iterator[str]:
     yield from iter_file_documents(list_data_files(path), paragraphs=is_single_text(path), text_key=text_key)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def data_fingerprint(files: list[Path]) -> str:
     """sha256 over (name relative to the files' common directory, size, content sha256) of each file.
 
@@ -272,7 +263,7 @@ def data_fingerprint(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         rel = f.resolve().relative_to(root).as_posix()
-        h.update(f"{rel}\0{f.stat().st_size}\0{_file_sha256(f)}\n".encode())
+        h.update(f"{rel}\0{f.stat().st_size}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from crosschip.errors import CrosschipError
+from crosschip.fsio import sha256_file
 
 FILTERS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
 OUTPUT_FORMATS = ("jsonl.gz", "parquet")
@@ -94,13 +95,5 @@ class CurateConfig:
         """Hash of everything that shapes the output: settings, the preset's thresholds, the LID model's bytes."""
         payload = {"config": self.as_dict(), "thresholds": asdict(get_preset(self.preset)), "tasks": tasks}
         if self.lid_model is not None:
-            payload["lid_model"] = _sha256(Path(self.lid_model))
+            payload["lid_model"] = sha256_file(Path(self.lid_model))
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

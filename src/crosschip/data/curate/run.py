@@ -30,7 +30,7 @@ from crosschip.data.curate.steps import DocProgress
 from crosschip.data.executors import ExecutorConfig, StageResult, cluster, run_stage
 from crosschip.data.sources import Source, build_readers, open_source, same_or_nested
 from crosschip.errors import CrosschipError
-from crosschip.fsio import atomic_write_json, fsync_dir
+from crosschip.fsio import atomic_write_json, fsync_dir, sha256_file
 
 MANIFEST = "curate.json"
 FORMAT = "crosschip-curate"
@@ -138,16 +138,8 @@ def file_table(root: Path, folder: str) -> dict[str, dict[str, Any]]:
     table = {}
     for f in sorted((root / folder).rglob("*")):
         if f.is_file():
-            table[f.relative_to(root).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            table[f.relative_to(root).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     return table
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _manifest(cfg: CurateConfig, source: Source, executor: ExecutorConfig, fingerprint: str) -> dict[str, Any]:
@@ -190,6 +182,6 @@ def curate(inp: Path, out: Path, cfg: CurateConfig, executor: ExecutorConfig, *,
     report = build_report(cfg, manifest, results, out, time.perf_counter() - start)
     write_report(report, out)
     manifest.update(complete=True, files=file_table(out, DATA_DIR),
-                    report_sha256=_sha256(out / "report.json"))
+                    report_sha256=sha256_file(out / "report.json"))
     atomic_write_json(out / MANIFEST, manifest)
     return report
