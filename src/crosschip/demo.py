@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from crosschip import devices, perf
-from crosschip.data.corpus import stdlib_docstring_corpus, unigram_entropy
+from crosschip import demo_data, devices, perf
+from crosschip.data.corpus import unigram_entropy
+from crosschip.data.noise import Planted
 from crosschip.errors import CrosschipError
 from crosschip.generate import SamplingParams, generate_text
 from crosschip.models import build_model, count_parameters, get_preset
@@ -47,6 +48,7 @@ class DemoContext:
     overwrite: bool
     summary: dict[str, Any] = field(default_factory=dict)
     trainer: Trainer | None = None
+    planted: list[Planted] = field(default_factory=list)
 
 
 def demo_train_config(ctx: DemoContext, steps: int) -> TrainConfig:
@@ -54,7 +56,7 @@ def demo_train_config(ctx: DemoContext, steps: int) -> TrainConfig:
 
     The time budget is a hard stop if the machine is slower than calibrated, but never before the step floor."""
     return TrainConfig(
-        data=ctx.workdir / "corpus.jsonl", model=DEMO_PRESET, out=ctx.workdir / "run", device="auto",
+        data=ctx.workdir / "curated" / demo_data.DATA_DIR, model=DEMO_PRESET, out=ctx.workdir / "run", device="auto",
         precision="auto", steps=steps, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=min(30, steps // 10),
         eval_every=max(1, steps // 4), save_every=max(1, steps // 2), log_every=10, vocab_size=4096,
         eval_batches=16, overwrite=ctx.overwrite, cache_dir=ctx.workdir / "cache",
@@ -96,9 +98,14 @@ def calibrate_step_seconds(cfg: TrainConfig, vocab_size: int, warmup: int = 2, t
 
 
 def step_corpus(ctx: DemoContext) -> None:
-    path = stdlib_docstring_corpus(ctx.workdir / "corpus.jsonl")
-    ctx.summary["corpus"] = {"path": str(path), "bytes": path.stat().st_size}
-    ctx.console.print(f"corpus: {path} ({path.stat().st_size / 1e6:.1f} MB of stdlib docstrings)")
+    folder, ctx.planted = demo_data.build_corpus(ctx.workdir, ctx.console)
+    ctx.summary["corpus"] = {"path": str(folder), "bytes": sum(f.stat().st_size for f in folder.iterdir()),
+                             "documents": len(ctx.planted)}
+
+
+def step_curate(ctx: DemoContext) -> None:
+    corpus = Path(ctx.summary["corpus"]["path"])
+    ctx.summary["curate"] = demo_data.curate_corpus(ctx.workdir, corpus, ctx.planted, ctx.console, ctx.overwrite)
 
 
 def step_train(ctx: DemoContext) -> None:
@@ -339,6 +346,7 @@ def step_verify(ctx: DemoContext) -> None:
 
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("corpus", step_corpus),
+    ("curate", step_curate),
     ("train", step_train),
     ("generate", step_generate),
     ("summary", step_summary),
