@@ -15,11 +15,11 @@ from typing import Any
 from rich.console import Console
 
 from crosschip.data.corpus import stdlib_docstring_corpus
+from crosschip.data.curate.run import DATA_DIR  # noqa: F401 - re-exported: demo.py trains on curated/DATA_DIR
 from crosschip.data.noise import EXPECTED_STEP, NoiseSpec, Planted, plant_noise
 
 DEMO_NOISE = NoiseSpec(exact=300, near=100, boilerplate=60, repeated=60, soup=60, pii=60)
 CORPUS_FILES = 2  # datatrove's unit of work is a file: two files keep both local workers busy
-DATA_DIR = "data"  # crosschip.data.curate.run.DATA_DIR: the kept shards inside the curated directory
 CURATE_PRESET = "docs"  # short technical documents (see crosschip.data.curate.config.PRESETS)
 
 
@@ -76,7 +76,7 @@ def curate_corpus(workdir: Path, corpus: Path, planted: list[Planted], console: 
     from crosschip.data.curate.run import curate
     from crosschip.data.executors import ExecutorConfig
 
-    out = workdir / "curated"
+    out = workdir / "curated"  # its DATA_DIR holds the kept shards
     report = curate(corpus, out, CurateConfig(preset=CURATE_PRESET), ExecutorConfig(tasks=CORPUS_FILES, workers=2),
                     overwrite=overwrite, log=lambda m: console.print(m, highlight=False))
     s = report["summary"]
