@@ -21,6 +21,7 @@ from rich.console import Console
 
 from crosschip import demo_data, devices, perf
 from crosschip.data.corpus import unigram_entropy
+from crosschip.data.curate.run import DATA_DIR as CURATED_DATA
 from crosschip.data.noise import Planted
 from crosschip.errors import CrosschipError
 from crosschip.generate import SamplingParams, generate_text
@@ -56,7 +57,7 @@ def demo_train_config(ctx: DemoContext, steps: int) -> TrainConfig:
 
     The time budget is a hard stop if the machine is slower than calibrated, but never before the step floor."""
     return TrainConfig(
-        data=ctx.workdir / "curated" / demo_data.DATA_DIR, model=DEMO_PRESET, out=ctx.workdir / "run", device="auto",
+        data=ctx.workdir / "curated" / CURATED_DATA, model=DEMO_PRESET, out=ctx.workdir / "run", device="auto",
         precision="auto", steps=steps, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=min(30, steps // 10),
         eval_every=max(1, steps // 4), save_every=max(1, steps // 2), log_every=10, vocab_size=4096,
         eval_batches=16, overwrite=ctx.overwrite, cache_dir=ctx.workdir / "cache",

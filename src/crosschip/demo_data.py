@@ -15,7 +15,6 @@ from typing import Any
 from rich.console import Console
 
 from crosschip.data.corpus import stdlib_docstring_corpus
-from crosschip.data.curate.run import DATA_DIR  # noqa: F401 - re-exported: demo.py trains on curated/DATA_DIR
 from crosschip.data.noise import EXPECTED_STEP, NoiseSpec, Planted, plant_noise
 
 DEMO_NOISE = NoiseSpec(exact=300, near=100, boilerplate=60, repeated=60, soup=60, pii=60)
