@@ -62,7 +62,7 @@ def stage_progress(stream: IO[str], label: str, logging_dir: Path, tasks: int, d
     total = docs_total or tasks
     columns = (TextColumn(f"{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit), TimeElapsedColumn())
     stop = threading.Event()
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True, redirect_stdout=False, redirect_stderr=False) as bar:
         task = bar.add_task(label, total=total)
 
         def poll() -> None:
