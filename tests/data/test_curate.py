@@ -173,3 +173,15 @@ def test_slurm_stages_are_chained_job_arrays(small: tuple[Path, Path], tmp_path:
         chain.append((last.job_name, last.get_sbatch_args()["partition"], last.tasks))
         last = last.depends
     assert chain[::-1] == [(f"crosschip-{s.name}", "cpu", s.tasks) for s in stages]
+
+
+def test_parquet_output_holds_the_same_documents(small: tuple[Path, Path], tmp_path: Path) -> None:
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    inp, local = small
+    curate(inp, tmp_path / "pq", dataclasses.replace(DOCS, output_format="parquet"), LOCAL)
+    shards = sorted((tmp_path / "pq" / "data").glob("*.parquet"))
+    texts = [t for shard in shards for t in pq.read_table(shard).column("text").to_pylist()]
+    assert shards and texts == read_texts(local / "data")
