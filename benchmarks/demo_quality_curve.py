@@ -34,7 +34,7 @@ def main() -> None:
     cfg = demo_train_config(ctx, args.steps)
     cfg.eval_every, cfg.save_every, cfg.time_budget_s = 20, 10**9, None
     trainer = Trainer(cfg, NullReporter())
-    entropy = unigram_entropy(trainer.inputs.shards.train, len(trainer.inputs.tokenizer))
+    entropy = unigram_entropy(trainer.inputs.dataset.train, len(trainer.inputs.tokenizer))
     result = trainer.run()
     rows = [{"step": h["step"], "val_loss": h["val_loss"], "below_unigram": round(entropy - h["val_loss"], 3)}
             for h in result.history if h.get("val_loss") is not None]

@@ -47,7 +47,8 @@ import torch.distributed as dist
 
 from _common import log, machine, prepare_data, run_benchmark
 from crosschip import devices
-from crosschip.data import build_shards, load_tokenizer
+from crosschip.data import load_tokenizer
+from crosschip.data.tokenize import cached_dataset
 from crosschip.errors import CrosschipError
 from crosschip.models import count_parameters
 from crosschip.train import parallel
@@ -330,9 +331,9 @@ def conduct(args: argparse.Namespace, workdir: Path, roles: list[str]) -> dict[s
 
 def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     corpus, tok_dir = prepare_data(workdir, CORPUS_BYTES, TrainConfig.vocab_size)
-    cfg = train_config(args, workdir, "shards", "none", args.batch_size, None)
-    # The token shards once, here: the launches start together and would otherwise all build them at once.
-    build_shards(corpus, load_tokenizer(tok_dir), workdir / "cache", cfg.val_fraction, cfg.seed, progress=None)
+    cfg = train_config(args, workdir, "tokens", "none", args.batch_size, None)
+    # The token dataset once, here: the launches start together and would otherwise all build it at once.
+    cached_dataset(corpus, load_tokenizer(tok_dir), workdir / "cache", cfg.val_fraction, cfg.seed)
     roles = ["single", *args.modes]
     procs: dict[str, subprocess.Popen] = {}
     try:

@@ -168,7 +168,7 @@ def training_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, npu, ... (default: cpu)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None, help="keep/reuse corpus, tokenizer and shards here")
+    p.add_argument("--workdir", type=Path, default=None, help="keep/reuse corpus, tokenizer and token cache here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -292,7 +292,7 @@ def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     model = default.model
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     runners: list[Runner] = [
-        ReferenceRunner(model, init_state, default.inputs.shards.train, args, default.cfg, device),
+        ReferenceRunner(model, init_state, default.inputs.dataset.train, args, default.cfg, device),
         TrainerRunner("crosschip-default", default),
     ]
     same_init = True

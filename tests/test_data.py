@@ -1,4 +1,7 @@
-"""Tests for crosschip.data: corpus reading, tokenizer, token shards and batch loading."""
+"""Tests for crosschip.data: corpus reading, tokenizer, token streams and batch loading.
+
+Tokenizing into datasets (`data tokenize`, `train --data`): tests/data/test_tokenize.py.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import torch
 
 from crosschip.data import (
     PackedBatches,
-    build_shards,
+    TokenStream,
     data_fingerprint,
     eval_batches,
     iter_documents,
@@ -31,7 +34,7 @@ from crosschip.data import (
     train_tokenizer,
     unigram_entropy,
 )
-from crosschip.data.shards import is_val_document, token_dtype
+from crosschip.data.dataset import is_val_document, token_dtype
 from crosschip.data.tokenizer import BOS_TOKEN, EOS_TOKEN, MIN_VOCAB_SIZE
 from crosschip.errors import CrosschipError
 
@@ -250,131 +253,45 @@ def test_tokenizer_fingerprint_ignores_runtime_truncation(tmp_path: Path, tok_di
     assert tokenizer_fingerprint(other) != fp
 
 
-# --------------------------------------------------------------------------- shards
+# --------------------------------------------------------------------------- token datasets
 
 
-@pytest.fixture()
-def corpus(tmp_path: Path) -> Path:
-    return _write_jsonl(tmp_path / "corpus.jsonl", _sentences(80, seed=3))
-
-
-def test_token_dtype() -> None:
+def test_token_dtype_is_datatrove_s() -> None:
     assert token_dtype(400) == np.uint16
-    assert token_dtype(65535) == np.uint16
-    assert token_dtype(65536) == np.uint32
+    assert token_dtype(65536) == np.uint16  # ids 0..65535 fit
+    assert token_dtype(65537) == np.uint32
 
 
-def test_shards_pack_documents(tok, corpus: Path, tmp_path: Path) -> None:
-    s = build_shards(corpus, tok, tmp_path / "cache", val_fraction=0.2, seed=0)
-    assert s.dtype == np.uint16 and s.train.dtype == np.uint16 and s.vocab_size == len(tok)
-    assert (s.root / "train.bin").stat().st_size == len(s.train) * 2
-    meta = json.loads((s.root / "index.json").read_text())
-    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 80
-    assert meta["splits"]["val"]["documents"] > 0 and meta["splits"]["train"]["documents"] > 0
-    docs = list(iter_documents(corpus))
-    expected_tokens = sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 2 for d in docs)
-    assert len(s.train) + len(s.val) == expected_tokens
-    for split in (s.train, s.val):
-        assert split[0] == tok.bos_token_id and split[-1] == tok.eos_token_id
-    assert int((s.train == tok.bos_token_id).sum()) == meta["splits"]["train"]["documents"]
-    # Each packed document is exactly what the tokenizer gives at inference, plus EOS: one BOS, not two.
-    packed = [tok(d)["input_ids"] + [tok.eos_token_id] for i, d in enumerate(docs) if not is_val_document(i, 0, 0.2)]
-    assert np.asarray(s.train).tolist() == [t for doc in packed for t in doc]
-    # The first train document decodes back to the first document that the split put in train.
-    first_train = next(d for i, d in enumerate(docs) if not is_val_document(i, 0, 0.2))
-    end = int(np.argmax(np.asarray(s.train) == tok.eos_token_id))
-    assert tok.decode(np.asarray(s.train[1:end]).tolist()) == first_train
+def test_val_split_is_a_seeded_hash_of_the_document_id() -> None:
+    ids = [f"corpus.jsonl/{i}" for i in range(4000)]
+    val = [i for i in ids if is_val_document(i, 0, 0.1)]
+    assert 300 < len(val) < 500  # ~10%
+    assert val == [i for i in ids if is_val_document(i, 0, 0.1)]  # deterministic
+    assert val != [i for i in ids if is_val_document(i, 1, 0.1)]  # another seed, another split
+    assert set(val) <= {i for i in ids if is_val_document(i, 0, 0.2)}  # a larger fraction keeps the smaller's
 
 
-def test_shard_split_is_deterministic_by_seed(tok, corpus: Path, tmp_path: Path) -> None:
-    a = build_shards(corpus, tok, tmp_path / "c1", val_fraction=0.3, seed=0)
-    b = build_shards(corpus, tok, tmp_path / "c2", val_fraction=0.3, seed=0)
-    c = build_shards(corpus, tok, tmp_path / "c1", val_fraction=0.3, seed=1)
-    assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
-    assert a.root.name == b.root.name != c.root.name
-    assert not np.array_equal(a.val, c.val) or len(a.val) != len(c.val)
-
-
-def test_shard_cache_hit_does_not_retokenize(tok, corpus: Path, tmp_path: Path) -> None:
-    calls: list[tuple[int, int]] = []
-    first = build_shards(corpus, tok, tmp_path / "cache", progress=lambda d, n: calls.append((d, n)))
-    assert calls and calls[-1][0] == 80
-    stamp = {p.name: p.stat().st_mtime_ns for p in first.root.iterdir()}
-    calls.clear()
-    second = build_shards(corpus, tok, tmp_path / "cache", progress=lambda d, n: calls.append((d, n)))
-    assert calls == []
-    assert second.root == first.root
-    assert {p.name: p.stat().st_mtime_ns for p in second.root.iterdir()} == stamp
-    assert np.array_equal(second.train, first.train)
-    reference = np.array(first.train)
-    # A damaged entry is detected and rebuilt rather than trusted.
-    with open(first.root / "train.bin", "r+b") as f:
-        f.truncate(10)
-    third = build_shards(corpus, tok, tmp_path / "cache", progress=lambda d, n: calls.append((d, n)))
-    assert calls and np.array_equal(third.train, reference)
-
-
-def test_shard_cache_key_follows_content(tok, corpus: Path, tmp_path: Path) -> None:
-    a = build_shards(corpus, tok, tmp_path / "cache")
-    _write_jsonl(corpus, _sentences(80, seed=4))
-    assert build_shards(corpus, tok, tmp_path / "cache").root != a.root
-
-
-def test_crash_mid_tokenize_leaves_no_cache_entry(tok, corpus: Path, tmp_path: Path) -> None:
-    def boom(docs: int, tokens: int) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build_shards(corpus, tok, tmp_path / "cache", progress=boom)
-    assert list((tmp_path / "cache").iterdir()) == []
-
-
-def test_tiny_corpora(tok, tmp_path: Path) -> None:
-    two = _write_jsonl(tmp_path / "two.jsonl", ["the dog", "the fox"])
-    s = build_shards(two, tok, tmp_path / "cache", val_fraction=0.01)
-    assert s.meta["splits"]["train"]["documents"] == 1 and s.meta["splits"]["val"]["documents"] == 1
-    assert s.meta["splits"]["train"]["tokens"] == len(s.train) and len(s.train) > 2
-    with pytest.raises(CrosschipError, match="at least 2 documents"):
-        build_shards(_write_jsonl(tmp_path / "one.jsonl", ["lonely"]), tok, tmp_path / "cache")
-    with pytest.raises(CrosschipError, match="no non-empty documents"):
-        build_shards(_write_jsonl(tmp_path / "none.jsonl", ["", ""]), tok, tmp_path / "cache")
-    with pytest.raises(CrosschipError):
-        build_shards(two, tok, tmp_path / "cache", val_fraction=0.0)
-
-
-def test_single_txt_file_is_split_into_documents_on_blank_lines(tok, tmp_path: Path) -> None:
-    """`--data input.txt`: blank lines separate documents (issue 14); a directory keeps one document per file."""
-    paragraphs = _sentences(12, seed=5)
-    text = "\n\n".join(p.replace(" the ", "\nthe ", 1) for p in paragraphs) + "\n"  # lines inside, blank between
-    single = tmp_path / "input.txt"
-    single.write_text(text, encoding="utf-8")
-    docs = list(iter_documents(single))
-    assert docs == [p.replace(" the ", "\nthe ", 1) for p in paragraphs]
-    s = build_shards(single, tok, tmp_path / "cache", val_fraction=0.3)
-    meta = s.meta["splits"]
-    assert meta["train"]["documents"] + meta["val"]["documents"] == 12 and meta["val"]["documents"] > 0
-    assert s.meta["split_rule"] == "txt-paragraphs"
-    # The same bytes in a directory are one document: another cache entry, not the paragraphs' one.
-    (tmp_path / "dir").mkdir()
-    (tmp_path / "dir" / "input.txt").write_text(text, encoding="utf-8")
-    assert list(iter_documents(tmp_path / "dir")) == [text]
-    with pytest.raises(CrosschipError, match="at least 2 documents"):
-        build_shards(tmp_path / "dir", tok, tmp_path / "cache", val_fraction=0.3)
-
-
-def test_single_unbroken_txt_is_split_by_position_like_nanogpt(tok, tmp_path: Path) -> None:
-    lines = [s for s in _sentences(40, seed=7)]
-    single = tmp_path / "input.txt"
-    single.write_text("\n".join(lines) + "\n", encoding="utf-8")  # no blank line: one document
-    s = build_shards(single, tok, tmp_path / "cache", val_fraction=0.1)
-    meta = s.meta["splits"]
-    assert meta["train"]["documents"] == meta["val"]["documents"] == 1
-    val_share = meta["val"]["tokens"] / (meta["train"]["tokens"] + meta["val"]["tokens"])
-    assert 0.05 < val_share < 0.2  # the last ~10%, cut at a line break
-    train_text = tok.decode(np.asarray(s.train[1:-1]).tolist())
-    val_text = tok.decode(np.asarray(s.val[1:-1]).tolist())
-    assert train_text + val_text == single.read_text(encoding="utf-8").strip("\n")  # in order, nothing lost
-    assert train_text.endswith("\n") and val_text.startswith(lines[-len(val_text.splitlines())])
+def test_token_stream_reads_several_files_as_one(tmp_path: Path) -> None:
+    whole = np.arange(1000, dtype=np.uint16)
+    parts = []
+    for k, (a, b) in enumerate([(0, 7), (7, 300), (300, 301), (301, 301), (301, 1000)]):  # one empty, one 1-token
+        whole[a:b].tofile(tmp_path / f"{k}.ds")
+        parts.append(np.memmap(tmp_path / f"{k}.ds", dtype=np.uint16, mode="r", shape=(b - a,)) if b > a
+                     else np.empty(0, dtype=np.uint16))
+    stream = TokenStream(parts)
+    assert len(stream) == 1000 and stream.dtype == np.uint16 and stream.ndim == 1
+    for a, b in [(0, 1000), (5, 10), (3, 305), (299, 302), (300, 301), (10, 10), (999, 1000), (990, 2000)]:
+        assert np.array_equal(stream[a:b], whole[a:b]), (a, b)
+    assert int(stream[300]) == 300 and int(stream[-1]) == 999 and np.array_equal(np.asarray(stream), whole)
+    with pytest.raises(IndexError):
+        stream[1000]
+    # The loader sees the same windows in the same order over the files as over one array.
+    ours, ref = PackedBatches(stream, 3, 16, seed=2), PackedBatches(whole, 3, 16, seed=2)
+    for _ in range(30):
+        assert all(torch.equal(a, b) for a, b in zip(ours.next_batch(), ref.next_batch(), strict=True))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(eval_batches(stream, 4, 16), eval_batches(whole, 4, 16),
+                                                       strict=True))
+    assert unigram_entropy(stream, 1000) == pytest.approx(unigram_entropy(whole, 1000))
 
 
 # --------------------------------------------------------------------------- loader

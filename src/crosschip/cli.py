@@ -70,9 +70,11 @@ def targets(
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help=(
-        "Training text: .txt, .jsonl (field 'text') or .parquet; file or dir. In a dir each .txt file is one "
-        "document; a single .txt file is split into documents at blank lines, and one unbroken text is split "
-        "by position (first 95% train, last 5% validation, as nanoGPT does)."))],
+        "A token dataset written by `crosschip data tokenize` (read directly, with its tokenizer), or training "
+        "text, tokenized the same way into a cache: .txt, .jsonl/.jsonl.gz (field 'text') or .parquet; file or "
+        "dir, or a data curate output. In a dir each .txt file is one document; a single .txt file is split "
+        "into documents at blank lines, and one unbroken text is split by position (first 95% train, last 5% "
+        "validation, as nanoGPT does)."))],
     model: Annotated[str, typer.Option(help="A preset (tiny, small, base, deepseek-tiny, ...) or a checkpoint dir.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory: step checkpoints, metrics.jsonl.")],
     device: Annotated[str, typer.Option(help="cpu, cuda[:N], npu[:N], mps, xpu, or auto.")] = "auto",

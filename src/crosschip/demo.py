@@ -140,8 +140,8 @@ def step_generate(ctx: DemoContext) -> None:
 def step_summary(ctx: DemoContext) -> None:
     trainer, train = ctx.trainer, ctx.summary["train"]
     assert trainer is not None
-    shards, vocab = trainer.inputs.shards, len(trainer.inputs.tokenizer)
-    entropy = unigram_entropy(shards.train, vocab)
+    vocab = len(trainer.inputs.tokenizer)
+    entropy = unigram_entropy(trainer.inputs.dataset.train, vocab)
     flops = perf.model_flops_per_token(trainer.model, trainer.cfg.seq_len)
     peak = perf.measure_matmul_peak(trainer.device, devices.torch_dtype(trainer.precision))
     achieved = train["tokens_per_s"] * flops

@@ -1,6 +1,6 @@
 """`convert` repairs the tokenizer of crosschip-trained checkpoints saved before it added BOS; serve warns on them.
 
-Training packs every document as BOS + ids + EOS (data/shards.py). Tokenizers saved before the fix did not
+Training packs every document as BOS + ids + EOS (data/tokenize.py). Tokenizers saved before the fix did not
 add that BOS: transformers 5 wrote a token-free template (`$A`), transformers 4 kept the ByteLevel offsets
 step. Both are rebuilt here as they were saved, inside real checkpoints whose provenance says crosschip trained
 them (a `train_config`), and converted with the real CLI or pipeline.

@@ -1,4 +1,7 @@
-"""Data pipeline: corpora -> tokenizer -> cached token shards -> deterministic batches."""
+"""Data pipeline: corpora -> tokenizer -> token datasets (datatrove) -> deterministic batches.
+
+`crosschip.data.tokenize` (datatrove's readers and tokenizer: ~1 s to import) is imported where it is used.
+"""
 
 from crosschip.data.corpus import (
     data_fingerprint,
@@ -7,19 +10,21 @@ from crosschip.data.corpus import (
     stdlib_docstring_corpus,
     unigram_entropy,
 )
+from crosschip.data.dataset import TokenDataset, TokenStream, is_dataset, open_dataset
 from crosschip.data.loader import PackedBatches, eval_batches
-from crosschip.data.shards import TokenShards, build_shards
 from crosschip.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 
 __all__ = [
     "PackedBatches",
-    "TokenShards",
-    "build_shards",
+    "TokenDataset",
+    "TokenStream",
     "data_fingerprint",
     "eval_batches",
     "iter_documents",
+    "is_dataset",
     "list_data_files",
     "load_tokenizer",
+    "open_dataset",
     "stdlib_docstring_corpus",
     "tokenizer_fingerprint",
     "train_tokenizer",

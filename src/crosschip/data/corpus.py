@@ -3,7 +3,7 @@
 Accepted inputs are a single file or a directory (searched recursively) of:
   * ``.txt``     one document per file (UTF-8) in a directory; a single ``.txt`` file given as the data
                  (``crosschip train --data input.txt``, as nanoGPT users do) is split into documents on blank
-                 lines, and one unbroken text is split by position instead (`shards.py`),
+                 lines, and one unbroken text is split by position instead (`sources.TxtReader`),
   * ``.jsonl``   one JSON object per line with a string field ``"text"`` (``.jsonl.gz``: the same, gzipped),
   * ``.parquet`` a string column ``"text"``, read one row group at a time.
 The text field/column is ``text`` unless a caller names another (``--text-key``).
@@ -22,7 +22,7 @@ import sysconfig
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -330,19 +330,21 @@ def _write_corpus(out_path: Path, lines: list[bytes], root: Path) -> Path:
     return out_path
 
 
-def unigram_entropy(token_ids: np.ndarray, vocab_size: int) -> float:
-    """Entropy (nats/token) of the empirical unigram distribution: the loss of a context-free model."""
-    ids = np.asarray(token_ids).reshape(-1)
-    if ids.size == 0:
+def unigram_entropy(token_ids: Any, vocab_size: int) -> float:
+    """Entropy (nats/token) of the empirical unigram distribution: the loss of a context-free model.
+
+    `token_ids`: any array, or a 1-D stream (a memmap, a `dataset.TokenStream`), read a chunk at a time."""
+    ids = token_ids if getattr(token_ids, "ndim", None) == 1 else np.asarray(token_ids).reshape(-1)
+    if len(ids) == 0:
         raise CrosschipError("cannot compute unigram entropy of an empty token stream", "use more data")
     counts = np.zeros(vocab_size, dtype=np.int64)
     chunk = 1 << 24  # bincount casts to intp: chunking bounds the temporary copy of large memmaps
-    for start in range(0, ids.size, chunk):
+    for start in range(0, len(ids), chunk):
         part = np.asarray(ids[start : start + chunk])
         if part.min() < 0 or part.max() >= vocab_size:
             raise CrosschipError(
                 f"token id out of range [0, {vocab_size}) in stream", "pass the tokenizer's full vocab size"
             )
         counts += np.bincount(part, minlength=vocab_size)
-    p = counts[counts > 0] / ids.size
+    p = counts[counts > 0] / len(ids)
     return float(-(p * np.log(p)).sum())

@@ -106,7 +106,7 @@ def packed_with_bos(provenance: Mapping[str, Any]) -> bool:
 def needs_bos_repair(provenance: Mapping[str, Any], tokenizer: Any) -> bool:
     """A crosschip-trained checkpoint (its provenance has a `train_config`) whose tokenizer does not add BOS.
 
-    crosschip's packer put BOS before every training document (data/shards.py), whatever the tokenizer,
+    crosschip's packer put BOS before every training document (data/tokenize.py), whatever the tokenizer,
     so text must be encoded after BOS to get the trained distribution. Tokenizers saved before
     crosschip's did so themselves need the repair `crosschip convert` makes (`add_bos_to_saved`).
     """

@@ -45,7 +45,7 @@ class TrainConfig:
     resume: bool = False
     time_budget_s: float | None = None  # stop early (and save) once training has run this long
     min_steps: int = 0  # the time budget never stops the run before this step (the demo's quality floor)
-    cache_dir: Path | None = None  # token shard cache; default <out>/../.crosschip-cache
+    cache_dir: Path | None = None  # where raw --data is tokenized to; default $CROSSCHIP_CACHE/datasets
     probe: str | None = None  # record per-module statistics: "stats" or "tensors" (crosschip.probe)
     probe_modules: str = "*"  # comma-separated globs over canonical module names
     probe_steps: str | None = None  # e.g. "1-100,200,300-"; None = every step

@@ -182,7 +182,7 @@ class Trainer:
         self.step_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.optimizer = make_optimizer(self.model, cfg, self.device)  # after fully_shard: over the shards
         self.scaler = devices.make_grad_scaler(self.device, self.precision)
-        self.loader = PackedBatches(self.inputs.shards.train, cfg.batch_size, cfg.seq_len, cfg.seed, self.rank,
+        self.loader = PackedBatches(self.inputs.dataset.train, cfg.batch_size, cfg.seq_len, cfg.seed, self.rank,
                                     self.world_size, cfg.grad_accum)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.last_loss, self.last_val = float("nan"), None
@@ -236,7 +236,7 @@ class Trainer:
         self.reporter.log(f"resumed from {state_dir.parent} at step {self.step}")
 
     def provenance(self) -> dict[str, Any]:
-        shards_meta = self.inputs.shards.meta
+        dataset = self.inputs.dataset
         return {
             "device": {"kind": self.device.type, "name": devices.device_name(self.device), "spec": self.cfg.device},
             "precision": self.precision,
@@ -245,8 +245,9 @@ class Trainer:
             "segments": self.segments,
             "steps": self.step,
             "tokens_seen": self.tokens_seen,
-            "data_fingerprint": shards_meta.get("data_fingerprint"),
-            "tokenizer_fingerprint": shards_meta.get("tokenizer_fingerprint"),
+            "data_fingerprint": (dataset.meta.get("source") or {}).get("data_fingerprint"),
+            "tokenizer_fingerprint": dataset.meta.get("tokenizer_fingerprint"),
+            "dataset": dataset.provenance(),  # the manifest's sha256 and the curation: a model traces to its data
             "model_source": self.inputs.model_source,
             "train_loss": self.last_loss,
             "val_loss": self.last_val,
@@ -304,7 +305,7 @@ class Trainer:
         if with_eval:
             eval_model = self.step_model if self.mode == "none" else self.model  # DDP's forward would sync
             amp = parallel.autocast_precision(self.mode, self.precision)
-            self.last_val = evaluate(eval_model, self.inputs.shards.val, self.cfg, self.device, amp)
+            self.last_val = evaluate(eval_model, self.inputs.dataset.val, self.cfg, self.device, amp)
             row["val_loss"] = round(self.last_val, 6)
             row["val_ppl"] = round(float(torch.tensor(self.last_val).exp()), 3)
         if self.rank == 0:

@@ -1,4 +1,4 @@
-"""Everything a run needs before its first step: output dir, tokenizer, token shards, model."""
+"""Everything a run needs before its first step: output dir, tokenizer, token dataset, model."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from crosschip import checkpoint
-from crosschip.data.corpus import iter_documents, list_data_files
-from crosschip.data.shards import TokenShards, build_shards
-from crosschip.data.tokenizer import load_tokenizer, train_tokenizer
+from crosschip.data.dataset import TOKENIZER_DIR, TokenDataset, is_dataset, open_dataset
+from crosschip.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from crosschip.errors import CrosschipError
 from crosschip.fsio import scratch_dir
 from crosschip.models import build_model, get_preset
@@ -27,15 +26,21 @@ PROBE_DIR = "probe"  # crosschip.probe.store.PROBE_DIR (not imported: it pulls i
 
 
 def default_cache_dir() -> Path:
-    """Token shards are cached by content hash, so one cache serves every run on the machine."""
+    """Raw text is tokenized into datasets cached by content hash, so one cache serves every run on the machine."""
     env = os.environ.get("CROSSCHIP_CACHE")
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crosschip"
-    return base / "shards"
+    return base / "datasets"
 
 
 def check_inputs(cfg: TrainConfig) -> None:
     """Cheap checks of --data, --model and --tokenizer, before the run directory is touched."""
-    list_data_files(Path(cfg.data))
+    from crosschip.data.corpus import list_data_files
+    from crosschip.data.tokenize import locate_input
+
+    if is_dataset(Path(cfg.data)):
+        open_dataset(Path(cfg.data))  # manifest, paths and sizes; the sha256s when the run opens it
+    else:
+        list_data_files(locate_input(Path(cfg.data)).data)
     if cfg.model not in _preset_names():
         if not Path(cfg.model).exists():
             get_preset(cfg.model)  # raises: neither a preset nor a path
@@ -82,7 +87,7 @@ def clear_run_dir(out: Path) -> None:
 @dataclass
 class RunInputs:
     tokenizer: Any
-    shards: TokenShards
+    dataset: TokenDataset
     model: PreTrainedModel
     model_source: dict[str, Any]
 
@@ -93,18 +98,24 @@ def prepare_tokenizer(cfg: TrainConfig, resume_step: int | None) -> Any:
         return load_tokenizer(out / step_dir_name(resume_step) / "model")
     if cfg.tokenizer is not None:
         return load_tokenizer(Path(cfg.tokenizer))
+    tokenized = is_dataset(Path(cfg.data))
     if cfg.model not in _preset_names():
         tok = checkpoint.load_tokenizer_if_present(Path(cfg.model))
-        if tok is None:
+        if tok is None and not tokenized:
             raise CrosschipError(
                 f"checkpoint {cfg.model} has no tokenizer files",
                 "pass --tokenizer DIR with the tokenizer it was trained with",
             )
-        return tok
+        if tok is not None:
+            return tok
+    if tokenized:  # a tokenized dataset carries the tokenizer its ids belong to
+        return load_tokenizer(Path(cfg.data) / TOKENIZER_DIR)
+    from crosschip.data.tokenize import training_documents
+
     # Trained in a scratch dir: the tokenizer lives in memory and ships inside every checkpoint,
     # and nothing is written under --out before all inputs are known to be good.
     with scratch_dir("crosschip-tokenizer") as scratch:
-        return train_tokenizer(iter_documents(Path(cfg.data)), cfg.vocab_size, Path(scratch))
+        return train_tokenizer(training_documents(Path(cfg.data)), cfg.vocab_size, Path(scratch))
 
 
 def _preset_names() -> set[str]:
@@ -139,16 +150,35 @@ def prepare_model(cfg: TrainConfig, tokenizer: Any, resume_step: int | None) -> 
     return model.train(), source
 
 
+def open_training_data(cfg: TrainConfig, tokenizer: Any, main: bool, log: Callable[[str], None]) -> TokenDataset:
+    """--data as a tokenized dataset (sha256s checked by rank 0), or raw text tokenized into the cache."""
+    data = Path(cfg.data)
+    if is_dataset(data):
+        dataset = open_dataset(data, verify=main)
+    else:
+        from crosschip.data.tokenize import cached_dataset
+
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        dataset = cached_dataset(data, tokenizer, cache, cfg.val_fraction, cfg.seed, log=log if main else None)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint != dataset.meta["tokenizer_fingerprint"]:
+        raise CrosschipError(
+            f"{data} was tokenized with another tokenizer than this run's (fingerprint "
+            f"{dataset.meta['tokenizer_fingerprint'][:12]}, the run's {fingerprint[:12]})",
+            "drop --tokenizer to use the dataset's own, or re-tokenize it: crosschip data tokenize IN OUT "
+            "--tokenizer DIR")
+    return dataset
+
+
 def prepare_inputs(cfg: TrainConfig, resume_step: int | None, log: Callable[[str], None]) -> RunInputs:
-    """Under torchrun rank 0 trains the tokenizer and fills the shard cache; the others then share them."""
+    """Under torchrun rank 0 trains the tokenizer and fills the dataset cache; the others then share them."""
     main = parallel.rank() == 0
     tokenizer = parallel.broadcast_object(prepare_tokenizer(cfg, resume_step) if main else None)
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if not main:
-        parallel.barrier()  # rank 0 has built (or found) the shards: these ranks read its cache
-    shards = build_shards(Path(cfg.data), tokenizer, cache, cfg.val_fraction, cfg.seed, progress=None)
+        parallel.barrier()  # rank 0 has built (or found) the dataset: these ranks read its cache entry
+    dataset = open_training_data(cfg, tokenizer, main, log)
     if main:
         parallel.barrier()
-        log(f"data: {len(shards.train):,} train / {len(shards.val):,} val tokens ({shards.root})")
+        log(f"data: {len(dataset.train):,} train / {len(dataset.val):,} val tokens ({dataset.root})")
     model, source = prepare_model(cfg, tokenizer, resume_step)  # the same seed: identical on every rank
-    return RunInputs(tokenizer, shards, model, source)
+    return RunInputs(tokenizer, dataset, model, source)
