@@ -21,7 +21,6 @@ from rich.console import Console
 
 from crosschip import demo_data, devices, perf
 from crosschip.data.corpus import unigram_entropy
-from crosschip.data.curate.run import DATA_DIR as CURATED_DATA
 from crosschip.data.noise import Planted
 from crosschip.errors import CrosschipError
 from crosschip.generate import SamplingParams, generate_text
@@ -57,7 +56,7 @@ def demo_train_config(ctx: DemoContext, steps: int) -> TrainConfig:
 
     The time budget is a hard stop if the machine is slower than calibrated, but never before the step floor."""
     return TrainConfig(
-        data=ctx.workdir / "curated" / CURATED_DATA, model=DEMO_PRESET, out=ctx.workdir / "run", device="auto",
+        data=ctx.workdir / "tokens", model=DEMO_PRESET, out=ctx.workdir / "run", device="auto",
         precision="auto", steps=steps, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=min(30, steps // 10),
         eval_every=max(1, steps // 4), save_every=max(1, steps // 2), log_every=10, vocab_size=4096,
         eval_batches=16, overwrite=ctx.overwrite, cache_dir=ctx.workdir / "cache",
@@ -107,6 +106,11 @@ def step_corpus(ctx: DemoContext) -> None:
 def step_curate(ctx: DemoContext) -> None:
     corpus = Path(ctx.summary["corpus"]["path"])
     ctx.summary["curate"] = demo_data.curate_corpus(ctx.workdir, corpus, ctx.planted, ctx.console, ctx.overwrite)
+
+
+def step_tokenize(ctx: DemoContext) -> None:
+    vocab = demo_train_config(ctx, 1).vocab_size
+    ctx.summary["tokenize"] = demo_data.tokenize_curated(ctx.workdir, ctx.console, ctx.overwrite, vocab)
 
 
 def step_train(ctx: DemoContext) -> None:
@@ -348,6 +352,7 @@ def step_verify(ctx: DemoContext) -> None:
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("corpus", step_corpus),
     ("curate", step_curate),
+    ("tokenize", step_tokenize),
     ("train", step_train),
     ("generate", step_generate),
     ("summary", step_summary),

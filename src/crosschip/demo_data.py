@@ -91,3 +91,15 @@ def curate_corpus(workdir: Path, corpus: Path, planted: list[Planted], console: 
         f"{k} {v['caught']}/{v['planted']} ({v['by']})" for k, v in scores.items()), highlight=False)
     console.print(f"report: {out / 'report.html'}", highlight=False)
     return {"out": str(out), "summary": s, "planted": scores}
+
+
+def tokenize_curated(workdir: Path, console: Console, overwrite: bool, vocab_size: int) -> dict[str, Any]:
+    """workdir/tokens: the curated documents as a token dataset (a BPE tokenizer trained on them first)."""
+    from crosschip.data.executors import ExecutorConfig
+    from crosschip.data.tokenize import TrainTokenizer, tokenize_corpus
+
+    out = workdir / "tokens"
+    manifest = tokenize_corpus(workdir / "curated", out, TrainTokenizer(vocab_size), val_fraction=0.05, seed=0,
+                               executor=ExecutorConfig(tasks=CORPUS_FILES, workers=2), overwrite=overwrite,
+                               log=lambda m: console.print(m, highlight=False), quiet=True)
+    return {"out": str(out), "splits": manifest["splits"], "tokenizer_fingerprint": manifest["tokenizer_fingerprint"]}

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from crosschip.errors import CrosschipError
+from crosschip.fsio import sha256_file
 
 FORMAT = "crosschip-tokens"
 VERSION = 1
@@ -49,14 +50,6 @@ def is_val_document(doc_id: object, seed: int, val_fraction: float) -> bool:
     """Deterministic per-document split: a seeded hash of the document's id, uniform in [0, 1)."""
     digest = hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64 < val_fraction
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def index_path(token_file: Path) -> Path:
@@ -206,7 +199,7 @@ def check_files(root: Path, meta: dict[str, Any], verify: bool) -> None:
             raise _broken(root, f"{rel} is missing")
         if path.stat().st_size != record.get("bytes"):
             raise _broken(root, f"{rel} has {path.stat().st_size} bytes, the manifest says {record.get('bytes')}")
-        if verify and file_sha256(path) != record.get("sha256"):
+        if verify and sha256_file(path) != record.get("sha256"):
             raise _broken(root, f"{rel} does not match its sha256")
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from crosschip.errors import CrosschipError
 
@@ -122,6 +123,27 @@ def slurm_chain(cfg: ExecutorConfig, stages: Sequence[tuple[str, Sequence[Any], 
     for name, pipeline, logging_dir, tasks in stages:
         last = _make(cfg, pipeline, logging_dir, tasks, name, depends=last)
     return last
+
+
+@contextmanager
+def quiet_stderr(log_path: Path) -> Iterator[IO[str]]:
+    """Send fd 2 (datatrove's per-task console logs, which also go to its log files) to `log_path`.
+
+    Yields a stream on the original stderr for crosschip's own progress display.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        stream = os.fdopen(os.dup(saved), "w", buffering=1)
+        try:
+            yield stream
+        finally:
+            stream.close()
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 @contextmanager

@@ -40,7 +40,6 @@ from crosschip.data.dataset import (
     TOKENIZER_DIR,
     VERSION,
     TokenDataset,
-    file_sha256,
     index_path,
     is_dataset,
     is_val_document,
@@ -48,11 +47,11 @@ from crosschip.data.dataset import (
     open_dataset,
     token_dtype,
 )
-from crosschip.data.executors import ExecutorConfig, cluster, run_stage
+from crosschip.data.executors import ExecutorConfig, cluster, quiet_stderr, run_stage
 from crosschip.data.sources import SPLIT_KEY, Source, build_readers, open_source, same_or_nested
 from crosschip.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint, train_tokenizer
 from crosschip.errors import CrosschipError
-from crosschip.fsio import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir, scratch_dir
+from crosschip.fsio import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir, scratch_dir, sha256_file
 
 CURATE_MANIFEST = "curate.json"
 CURATE_FORMAT = "crosschip-curate"
@@ -100,8 +99,8 @@ def locate_input(inp: Path, text_key: str = "text") -> InputSpec:
     config = curate.get("config")
     if not isinstance(config, dict):
         raise CrosschipError(f"{marker} has no curation config", fix)
-    curation = {"report_sha256": file_sha256(report), "config": config, "path": str(inp.resolve()),
-                "manifest_sha256": file_sha256(marker)}
+    curation = {"report_sha256": sha256_file(report), "config": config, "path": str(inp.resolve()),
+                "manifest_sha256": sha256_file(marker)}
     return InputSpec(data, "text", curation)
 
 
@@ -233,23 +232,8 @@ def file_records(root: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {bytes, sha256}} of every file below root, sorted."""
     records = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        records[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        records[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return records
-
-
-@contextlib.contextmanager
-def engine_logs_to(path: Path | None) -> Iterator[None]:
-    """datatrove's console logging (pipeline listing, per-task stats) into a file (`path`), or left as it is."""
-    if path is None:
-        yield
-        return
-    from datatrove.utils.logging import setup_default_logger
-
-    try:
-        with open(path, "a", encoding="utf-8") as f, contextlib.redirect_stderr(f):
-            yield
-    finally:
-        setup_default_logger()  # its task logger re-added a handler on the redirected stream: back to stderr
 
 
 def _check_request(inp: Path, out: Path, val_fraction: float, executor: ExecutorConfig, overwrite: bool) -> None:
@@ -308,7 +292,8 @@ def tokenize_corpus(inp: Path, out: Path, tokenizer: Any, *, val_fraction: float
         write_packing_tokenizer(tokenizer, work / "tokenizer.json")
         step = SplitTokenizer(str(tmp), str(work / "tokenizer.json"), val_fraction, seed)
         readers = build_readers(source, work / "inputs", val_fraction if source.single_text else None)
-        with cluster(executor), engine_logs_to(work / "datatrove.log" if quiet else None):
+        quieted = quiet_stderr(work / "datatrove.log") if quiet else contextlib.nullcontext()
+        with cluster(executor), quieted:
             run_stage(executor, "tokenize", [*readers, step], work / "logs", log=log)
         splits = finish_splits(tmp, token_dtype(vocab_size).itemsize)
         save_tokenizer(tokenizer, tmp / TOKENIZER_DIR)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,27 +25,6 @@ def _count(folder: Path) -> int:
 def _tasks_done(logging_dir: Path) -> int:
     done = logging_dir / "completions"
     return sum(1 for _ in done.iterdir()) if done.is_dir() else 0
-
-
-@contextlib.contextmanager
-def quiet_stderr(log_path: Path) -> Iterator[IO[str]]:
-    """Send fd 2 (datatrove's per-task console logs, which also go to its log files) to `log_path`.
-
-    Yields a stream on the original stderr for crosschip's own progress display.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        os.dup2(log.fileno(), 2)
-        stream = os.fdopen(os.dup(saved), "w", buffering=1)
-        try:
-            yield stream
-        finally:
-            stream.close()
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 @contextlib.contextmanager

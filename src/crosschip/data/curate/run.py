@@ -25,9 +25,9 @@ from datatrove.pipeline.readers.base import BaseReader
 from crosschip.data.corpus import data_fingerprint
 from crosschip.data.curate.config import CurateConfig, get_preset
 from crosschip.data.curate.pipeline import Stage, build_stages
-from crosschip.data.curate.progress import quiet_stderr, stage_progress
+from crosschip.data.curate.progress import stage_progress
 from crosschip.data.curate.steps import DocProgress
-from crosschip.data.executors import ExecutorConfig, StageResult, cluster, run_stage
+from crosschip.data.executors import ExecutorConfig, StageResult, cluster, quiet_stderr, run_stage
 from crosschip.data.sources import Source, build_readers, open_source, same_or_nested
 from crosschip.errors import CrosschipError
 from crosschip.fsio import atomic_write_json, fsync_dir, sha256_file
