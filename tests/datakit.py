@@ -8,7 +8,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from crosschip.data.noise import NoiseSpec, Planted, plant_noise
+from crosschip.data.noise import NoiseSpec, Planted, plant_noise, write_parts
 
 _STOP = ("the", "of", "to", "and", "a", "in", "is", "that", "with", "for", "as", "on", "by", "from")
 # Words that C4's line rules act on (they would edit a clean document, not just keep or drop it).
@@ -57,12 +57,7 @@ def write_planted(root: Path, clean: int = 2000, seed: int = 0, files: int = 2,
                   spec: NoiseSpec | None = None) -> list[Planted]:
     """A planted corpus under root as `files` jsonl files (documents in order, split in contiguous runs)."""
     docs = plant_noise(clean_documents(clean, seed), seed=seed, spec=spec)
-    root.mkdir(parents=True, exist_ok=True)
-    per = -(-len(docs) // files)
-    for i in range(files):
-        part = docs[i * per:(i + 1) * per]
-        (root / f"part-{i}.jsonl").write_text("".join(json.dumps({"text": d.text}) + "\n" for d in part),
-                                              encoding="utf-8")
+    write_parts(docs, root, files)
     return docs
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from crosschip.data.corpus import stdlib_docstring_corpus
-from crosschip.data.noise import EXPECTED_STEP, NoiseSpec, Planted, plant_noise
+from crosschip.data.noise import EXPECTED_STEP, NoiseSpec, Planted, plant_noise, write_parts
 
 DEMO_NOISE = NoiseSpec(exact=300, near=100, boilerplate=60, repeated=60, soup=60, pii=60)
 CORPUS_FILES = 2  # datatrove's unit of work is a file: two files keep both local workers busy
@@ -28,12 +28,7 @@ def build_corpus(workdir: Path, console: Console) -> tuple[Path, list[Planted]]:
     clean = [json.loads(line)["text"] for line in source.read_text(encoding="utf-8").splitlines()]
     planted = plant_noise(clean, seed=0, spec=DEMO_NOISE)
     folder = workdir / "corpus"
-    folder.mkdir(parents=True, exist_ok=True)
-    per = -(-len(planted) // CORPUS_FILES)
-    for i in range(CORPUS_FILES):
-        rows = planted[i * per:(i + 1) * per]
-        (folder / f"part-{i}.jsonl").write_text("".join(json.dumps({"text": d.text}) + "\n" for d in rows),
-                                                encoding="utf-8")
+    write_parts(planted, folder, CORPUS_FILES)
     kinds = {k: sum(d.kind == k for d in planted) for k in ("exact", "near", "boilerplate", "repeated", "soup", "pii")}
     console.print(f"corpus: {len(clean):,} stdlib docstrings + planted noise: "
                   + ", ".join(f"{n} {k}" for k, n in kinds.items()), highlight=False)

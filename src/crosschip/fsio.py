@@ -40,6 +40,14 @@ def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
             h.update(block)
     return h.hexdigest()
 
+
+def file_records(root: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {bytes, sha256}} of every file below root, sorted (a manifest's file table)."""
+    records = {}
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        records[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return records
+
 def _report_reclaimed(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -12,8 +12,10 @@ Deterministic for a seed.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 EXPECTED_STEP = {"exact": "exact", "near": "minhash", "boilerplate": "fineweb_quality",
                  "repeated": "gopher_repetition", "soup": "gopher_quality"}
@@ -101,3 +103,13 @@ def plant_noise(clean: list[str], seed: int = 0, spec: NoiseSpec | None = None) 
     docs += [Planted(_repeated(rng), "repeated") for _ in range(spec.repeated)]
     docs += [Planted(_soup(rng), "soup") for _ in range(spec.soup)]
     return _order(docs, len(clean), rng)
+
+
+def write_parts(docs: list[Planted], folder: Path, files: int) -> None:
+    """folder/part-N.jsonl (field "text"): the documents in order, cut into `files` contiguous runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-len(docs) // files)
+    for i in range(files):
+        rows = docs[i * per:(i + 1) * per]
+        (folder / f"part-{i}.jsonl").write_text("".join(json.dumps({"text": d.text}) + "\n" for d in rows),
+                                                encoding="utf-8")

@@ -51,7 +51,15 @@ from crosschip.data.executors import ExecutorConfig, cluster, quiet_stderr, run_
 from crosschip.data.sources import SPLIT_KEY, Source, build_readers, open_source, same_or_nested
 from crosschip.data.tokenizer import load_tokenizer, save_tokenizer, tokenizer_fingerprint, train_tokenizer
 from crosschip.errors import CrosschipError
-from crosschip.fsio import atomic_dir, atomic_write_bytes, atomic_write_json, check_output_dir, scratch_dir, sha256_file
+from crosschip.fsio import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_dir,
+    file_records,
+    scratch_dir,
+    sha256_file,
+)
 
 CURATE_MANIFEST = "curate.json"
 CURATE_FORMAT = "crosschip-curate"
@@ -226,14 +234,6 @@ def finish_splits(root: Path, itemsize: int) -> dict[str, dict[str, Any]]:
                      "documents": sum(_documents(f) for f in kept),
                      "tokens": sum(f.stat().st_size for f in kept) // itemsize}
     return splits
-
-
-def file_records(root: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {bytes, sha256}} of every file below root, sorted."""
-    records = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        records[path.relative_to(root).as_posix()] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    return records
 
 
 def _check_request(inp: Path, out: Path, val_fraction: float, executor: ExecutorConfig, overwrite: bool) -> None:

@@ -30,7 +30,7 @@ from crosschip.data.curate.steps import DocProgress
 from crosschip.data.executors import ExecutorConfig, StageResult, cluster, quiet_stderr, run_stage
 from crosschip.data.sources import Source, build_readers, open_source, same_or_nested
 from crosschip.errors import CrosschipError
-from crosschip.fsio import atomic_write_json, fsync_dir, sha256_file
+from crosschip.fsio import atomic_write_json, file_records, fsync_dir, sha256_file
 
 MANIFEST = "curate.json"
 FORMAT = "crosschip-curate"
@@ -134,14 +134,6 @@ def _publish(work: Path, out: Path) -> None:
     fsync_dir(out)
 
 
-def file_table(root: Path, folder: str) -> dict[str, dict[str, Any]]:
-    table = {}
-    for f in sorted((root / folder).rglob("*")):
-        if f.is_file():
-            table[f.relative_to(root).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-    return table
-
-
 def _manifest(cfg: CurateConfig, source: Source, executor: ExecutorConfig, fingerprint: str) -> dict[str, Any]:
     return {
         "format": FORMAT, "version": 1, "complete": False, "fingerprint": fingerprint, "data_dir": DATA_DIR,
@@ -181,7 +173,7 @@ def curate(inp: Path, out: Path, cfg: CurateConfig, executor: ExecutorConfig, *,
     _publish(work, out)
     report = build_report(cfg, manifest, results, out, time.perf_counter() - start)
     write_report(report, out)
-    manifest.update(complete=True, files=file_table(out, DATA_DIR),
+    manifest.update(complete=True, files={f"{DATA_DIR}/{k}": v for k, v in file_records(out / DATA_DIR).items()},
                     report_sha256=sha256_file(out / "report.json"))
     atomic_write_json(out / MANIFEST, manifest)
     return report
