@@ -185,3 +185,19 @@ def test_parquet_output_holds_the_same_documents(small: tuple[Path, Path], tmp_p
     shards = sorted((tmp_path / "pq" / "data").glob("*.parquet"))
     texts = [t for shard in shards for t in pq.read_table(shard).column("text").to_pylist()]
     assert shards and texts == read_texts(local / "data")
+
+
+def test_docs_preset_c4_keeps_indentation() -> None:
+    """datatrove's C4 filter strips every kept line; under `docs` it only decides, so code keeps its indentation."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import C4QualityFilter
+
+    from crosschip.data.curate.config import PRESETS
+    from crosschip.data.curate.pipeline import filter_steps
+
+    text = "Return the value.\n\n    >>> value(1)  [1]\n    2\n"
+    c4 = next(s for s in filter_steps(DOCS, Path("/nonexistent")) if isinstance(s, C4QualityFilter))
+    doc = Document(text=text, id="a")
+    assert c4.filter(doc) is True and doc.text == text
+    edited = Document(text=text, id="b")
+    assert C4QualityFilter(**PRESETS["docs"].c4_quality).filter(edited) is True and edited.text != text

@@ -25,6 +25,7 @@ class FilterPreset:
     gopher_quality: dict[str, Any] = field(default_factory=dict)
     c4_quality: dict[str, Any] = field(default_factory=dict)
     fineweb_quality: dict[str, Any] = field(default_factory=dict)
+    c4_edits_lines: bool = True  # False: C4 only keeps or drops (steps.DecisionOnlyC4), the text stays as it was
 
 
 PRESETS: dict[str, FilterPreset] = {
@@ -40,10 +41,11 @@ PRESETS: dict[str, FilterPreset] = {
         # top n-gram share is meaningless under ~50 words (any 2-gram of a 6-word doc is a third of it)
         gopher_repetition={"top_n_grams": ()},
         gopher_quality={"min_doc_words": 5, "max_non_alpha_words_ratio": 0.5, "min_stop_words": 0},
-        # C4 keeps whole documents here (no line edits: code lines are short and mention javascript or policy;
-        # code has braces; one-line docs have one sentence): what is left of it drops lorem ipsum and huge words
+        # C4 only keeps or drops here and never edits (code lines are short, mention javascript or policy and are
+        # indented; code has braces; one-line docs have one sentence): it drops lorem ipsum and huge words
         c4_quality={"filter_no_terminal_punct": False, "min_num_sentences": -1, "min_words_per_line": -1,
                     "filter_curly_bracket": False, "filter_javascript": False, "filter_policy": False},
+        c4_edits_lines=False,
         fineweb_quality={"line_punct_thr": 0.0, "short_line_thr": 0.9, "char_duplicates_ratio": 0.1,
                          "new_line_ratio": 1.0},
     ),

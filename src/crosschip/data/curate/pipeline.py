@@ -38,6 +38,7 @@ from datatrove.pipeline.writers import ParquetWriter
 from crosschip.data.curate.config import CurateConfig, get_preset
 from crosschip.data.curate.steps import (
     ClusterSizes,
+    DecisionOnlyC4,
     LengthStats,
     LocalLanguageFilter,
     ReproducibleJsonlWriter,
@@ -78,7 +79,8 @@ def filter_steps(cfg: CurateConfig, work: Path) -> list[PipelineStep]:
     for name in FILTER_CLASSES:
         if name in cfg.filters:
             kwargs = getattr(preset, name)
-            steps.append(FILTER_CLASSES[name](exclusion_writer=removed_writer(work, name), **kwargs))
+            cls = DecisionOnlyC4 if name == "c4_quality" and not preset.c4_edits_lines else FILTER_CLASSES[name]
+            steps.append(cls(exclusion_writer=removed_writer(work, name), **kwargs))
     if cfg.pii:
         steps.append(PIIFormatter())
     return steps

@@ -11,7 +11,7 @@ from typing import IO, Any
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.filters import LanguageFilter
+from datatrove.pipeline.filters import C4QualityFilter, LanguageFilter
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.lid import FastTextLID
 from fsspec.compression import compr, register_compression
@@ -78,6 +78,20 @@ class ClusterSizes(PipelineStep):
             if size > 1:
                 self.stat_update(f"cluster_{size}")
             yield doc
+
+
+class DecisionOnlyC4(C4QualityFilter):
+    """C4's keep-or-drop rules without its edits: a kept document keeps its text exactly as it was.
+
+    datatrove's C4QualityFilter rewrites every document it keeps (each line stripped, citations removed) even
+    with every line rule off, which would flatten the indentation of code in technical documents.
+    """
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        text = doc.text
+        verdict = super().filter(doc)
+        doc.text = text
+        return verdict
 
 
 class LocalFastTextLID(FastTextLID):
