@@ -13,14 +13,13 @@ first: it is in neither training corpus and is the clean set every model is scor
      filters with the thresholds of crosschip's `docs` preset (imported, so they are the same work), each with an
      exclusion writer, PIIFormatter, exact dedup (3 stages), MinHash (4 stages, datatrove's defaults),
      JsonlWriter, one LocalPipelineExecutor per stage with the same tasks, workers and start method.
-   Both outputs must hold the same documents. docs/s and MB/s = input documents / file bytes over the wall time;
+   Both outputs must hold the same documents (by id: under `docs` crosschip's C4 step only decides, datatrove's
+   also strips the lines of what it keeps). docs/s and MB/s = input documents / file bytes over the wall time;
    ratio = crosschip wall / peer wall (fastest of the repetitions; median alongside).
 2. The point of curation. The same model preset is trained by `crosschip train` (a subprocess each) for the same
    steps, seed, batch and tokenizer (one BPE tokenizer trained here on the clean training docstrings) on the raw
    noisy corpus and on crosschip's curated output (`OUT/data`, jsonl.gz). Both final checkpoints are scored on
-   the held-out docstrings: mean next-token loss over BOS + ids + EOS of each document. When the C4 step runs, the
-   same is printed on the held-out text stripped line by line as that step rewrites every document it keeps (a
-   diagnostic: how much of the gap is lost indentation).
+   the held-out docstrings: mean next-token loss over BOS + ids + EOS of each document.
 
     python benchmarks/curation.py [--workdir DIR] [--json] [--steps 300] [--reps 2] [--quick]
 """
@@ -282,12 +281,12 @@ def run_crosschip(inp: Path, out: Path, args: argparse.Namespace) -> dict[str, A
                   ExecutorConfig(kind="local", tasks=args.tasks, workers=args.workers))
 
 
-def kept_texts(folder: Path) -> list[str]:
-    texts = []
+def kept_ids(folder: Path) -> list[str]:
+    ids = []
     for shard in sorted(folder.glob("*.jsonl.gz")):
         with gzip.open(shard, "rt", encoding="utf-8") as f:
-            texts += [json.loads(line)["text"] for line in f]
-    return texts
+            ids += [json.loads(line)["id"] for line in f]
+    return ids
 
 
 def cpu_seconds() -> float:
@@ -325,7 +324,7 @@ def throughput(args: argparse.Namespace, raw: Path, workdir: Path, docs: int, nb
                 f"(load average before {load:.2f})")
     stages["crosschip"] = {s["name"]: s["seconds"] for s in report["stages"]}
     stages["datatrove"] = peer_seconds
-    kept = {name: kept_texts(out / "data") for name, out in outs.items()}
+    kept = {name: kept_ids(out / "data") for name, out in outs.items()}
     rows = {}
     for name, w in walls.items():
         best = min(w)
@@ -342,7 +341,7 @@ def throughput(args: argparse.Namespace, raw: Path, workdir: Path, docs: int, nb
         "reps": args.reps,
         "peer_start_method": args.start_method, "input_docs": docs, "input_file_bytes": nbytes, "runs": rows,
         "same_kept_count": cc["docs_kept"] == dt["docs_kept"],
-        "same_kept_texts": sorted(kept["crosschip"]) == sorted(kept["datatrove"]),
+        "same_kept_documents": sorted(kept["crosschip"]) == sorted(kept["datatrove"]),
         "ratio": ratio, "median_ratio": cc["wall_s"]["median"] / dt["wall_s"]["median"],
         "cpu_ratio": cc["cpu_s"]["least"] / dt["cpu_s"]["least"],
         "target_ratio": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO,
@@ -397,11 +396,6 @@ def heldout_loss(run: Path, tok_dir: Path, texts: list[str], seq_len: int) -> di
     return {"loss": total / tokens, "tokens": tokens}
 
 
-def c4_normalized(text: str) -> str:
-    """`text` as datatrove's C4QualityFilter rewrites a document it keeps: every line stripped, then the whole."""
-    return "\n".join(line.strip() for line in text.splitlines()).strip()
-
-
 def curation_value(args: argparse.Namespace, corpus: dict[str, Any], curated: Path, workdir: Path) -> dict[str, Any]:
     tok_dir = workdir / "tokenizer"
     log(f"training a {args.vocab_size}-token BPE tokenizer on the {len(corpus['clean'])} clean training docstrings")
@@ -417,19 +411,10 @@ def curation_value(args: argparse.Namespace, corpus: dict[str, Any], curated: Pa
         f"{copies / sum(tokens.values()):.0%} exact/near copies")
     runs = {name: train(name, data, tok_dir, args, workdir)
             for name, data in (("raw", corpus["raw"]), ("curated", curated))}
-    c4 = "c4_quality" in args.filters
-    normalized = [c4_normalized(t) for t in corpus["heldout"]]
     for name, summary in runs.items():
         summary["heldout"] = heldout_loss(Path(summary["run"]), tok_dir, corpus["heldout"], args.seq_len)
-        if c4:  # a diagnostic: the held-out text as the C4 step would have rewritten it
-            summary["heldout_c4"] = heldout_loss(Path(summary["run"]), tok_dir, normalized, args.seq_len)
         log(f"{name}: held-out loss {summary['heldout']['loss']:.4f}")
     raw, cur = runs["raw"]["heldout"]["loss"], runs["curated"]["heldout"]["loss"]
-    diagnostic = None
-    if c4:
-        raw_n, cur_n = runs["raw"]["heldout_c4"]["loss"], runs["curated"]["heldout_c4"]["loss"]
-        diagnostic = {"heldout_docs_changed": sum(a != b for a, b in zip(corpus["heldout"], normalized, strict=True)),
-                      "raw_loss": raw_n, "curated_loss": cur_n, "difference": raw_n - cur_n}
     keep = ("steps", "tokens_seen", "train_loss", "val_loss", "tokens_per_s", "elapsed_s", "wall_s", "checkpoint")
     return {
         "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -439,7 +424,6 @@ def curation_value(args: argparse.Namespace, corpus: dict[str, Any], curated: Pa
         "raw_junk_token_share": junk / sum(tokens.values()), "raw_copy_token_share": copies / sum(tokens.values()),
         "runs": {name: {**{k: s[k] for k in keep}, "heldout_loss": s["heldout"]["loss"]} for name, s in runs.items()},
         "raw_loss": raw, "curated_loss": cur, "difference": raw - cur, "curated_lower": cur < raw,
-        "heldout_lines_stripped": diagnostic,
     }
 
 
@@ -480,7 +464,7 @@ def print_table(s: dict[str, Any]) -> None:
     for name, r in t["runs"].items():
         print(f"{name:<12}{r['wall_s']['fastest']:>9.2f}{r['wall_s']['median']:>10.2f}{r['cpu_s']['least']:>9.2f}"
               f"{r['docs_per_s']:>10.0f}{r['mb_per_s']:>8.3f}{r['docs_kept']:>8}")
-    same = "same documents" if t["same_kept_texts"] else ("same count, OTHER texts" if t["same_kept_count"]
+    same = "same documents" if t["same_kept_documents"] else ("same count, OTHER ids" if t["same_kept_count"]
                                                           else "DIFFERENT document counts")
     print(f"kept by both: {same}; removed by crosschip's steps: "
           + ", ".join(f"{k} {v}" for k, v in t["crosschip_report"]["removed"].items()))
@@ -503,10 +487,6 @@ def print_table(s: dict[str, Any]) -> None:
                   f"own val split {r['val_loss']:.4f}, {r['wall_s']:.0f} s)")
         verdict = "curated lower" if tr["curated_lower"] else "curated NOT lower"
         print(f"held-out loss raw - curated: {tr['difference']:+.4f} nats/token ({verdict})")
-        if d := tr["heldout_lines_stripped"]:
-            print(f"diagnostic: the C4 step strips every line of the documents it keeps (indentation); on the held-out "
-                  f"set stripped the same way ({d['heldout_docs_changed']} docs change): raw {d['raw_loss']:.4f}, "
-                  f"curated {d['curated_loss']:.4f}, raw - curated {d['difference']:+.4f}")
     print(f"runtime {s['runtime_s']:.0f} s")
 
 
