@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import json
 import os
 import random
@@ -37,7 +36,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -71,11 +69,11 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
 import crosschip
-from _common import log, machine, prepare_corpus, run_and_print
+from _common import log, machine, prepare_corpus, run_benchmark
 from crosschip.checkpoint import load_model
 from crosschip.data import iter_documents, load_tokenizer, train_tokenizer
 from crosschip.data.curate.config import FILTERS, PRESETS, CurateConfig
-from crosschip.data.curate.run import curate
+from crosschip.data.curate.run import curate, read_shards
 from crosschip.data.executors import ExecutorConfig
 from crosschip.data.noise import NoiseSpec, Planted, plant_noise
 from crosschip.errors import CrosschipError
@@ -281,14 +279,6 @@ def run_crosschip(inp: Path, out: Path, args: argparse.Namespace) -> dict[str, A
                   ExecutorConfig(kind="local", tasks=args.tasks, workers=args.workers))
 
 
-def kept_ids(folder: Path) -> list[str]:
-    ids = []
-    for shard in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(shard, "rt", encoding="utf-8") as f:
-            ids += [json.loads(line)["id"] for line in f]
-    return ids
-
-
 def cpu_seconds() -> float:
     """User + system CPU of this process and of its finished children (datatrove's forked workers)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -324,7 +314,7 @@ def throughput(args: argparse.Namespace, raw: Path, workdir: Path, docs: int, nb
                 f"(load average before {load:.2f})")
     stages["crosschip"] = {s["name"]: s["seconds"] for s in report["stages"]}
     stages["datatrove"] = peer_seconds
-    kept = {name: kept_ids(out / "data") for name, out in outs.items()}
+    kept = {name: read_shards(out / "data", "id") for name, out in outs.items()}
     rows = {}
     for name, w in walls.items():
         best = min(w)
@@ -491,17 +481,7 @@ def print_table(s: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-    def produce() -> dict[str, Any]:
-        if args.workdir is not None:
-            return run_all(args, args.workdir)
-        with tempfile.TemporaryDirectory(prefix="crosschip-bench-") as tmp:
-            return run_all(args, Path(tmp))
-
-    return 0 if run_and_print(args, produce, print_table) is not None else CrosschipError.exit_code
+    return run_benchmark(parse_args(argv), run_all, print_table)
 
 
 if __name__ == "__main__":

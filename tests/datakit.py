@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -63,10 +62,6 @@ def write_planted(root: Path, clean: int = 2000, seed: int = 0, files: int = 2,
 
 def read_texts(folder: Path) -> list[str]:
     """Every document text in a folder of jsonl.gz shards (sorted by name)."""
-    import gzip
+    from crosschip.data.curate.run import read_shards
 
-    texts = []
-    for shard in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(shard, "rt", encoding="utf-8") as f:
-            texts += [json.loads(line)["text"] for line in f]
-    return texts
+    return read_shards(folder)

@@ -6,7 +6,6 @@ how much of each planted kind it caught, so a user sees the filters work before 
 
 from __future__ import annotations
 
-import gzip
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from crosschip.data.corpus import stdlib_docstring_corpus
+from crosschip.data.curate.run import read_shards
 from crosschip.data.noise import EXPECTED_STEP, NoiseSpec, Planted, plant_noise, write_parts
 
 DEMO_NOISE = NoiseSpec(exact=300, near=100, boilerplate=60, repeated=60, soup=60, pii=60)
@@ -35,20 +35,12 @@ def build_corpus(workdir: Path, console: Console) -> tuple[Path, list[Planted]]:
     return folder, planted
 
 
-def _texts(folder: Path) -> list[str]:
-    texts: list[str] = []
-    for shard in sorted(folder.glob("*.jsonl.gz")):
-        with gzip.open(shard, "rt", encoding="utf-8") as f:
-            texts += [json.loads(line)["text"] for line in f]
-    return texts
-
-
 def score_planted(planted: list[Planted], out: Path) -> dict[str, dict[str, int]]:
     """Per planted kind, how many documents the step meant for it removed.
 
     A duplicate counts as caught when its cluster kept one member: an exact copy when its text survives once, a
     near copy when it and its original did not both survive (MinHash keeps one of them, datatrove's pick)."""
-    kept = Counter(_texts(out / "data"))
+    kept = Counter(read_shards(out / "data"))
     original = {d.source: d.text for d in planted if d.kind in ("clean", "pii")}
     scores: dict[str, dict[str, int]] = {}
     for kind, step in EXPECTED_STEP.items():
@@ -58,7 +50,7 @@ def score_planted(planted: list[Planted], out: Path) -> dict[str, dict[str, int]
         elif kind == "near":
             caught = sum(1 for d in docs if not (kept[d.text] and kept[original.get(d.source, "")]))
         else:
-            removed = set(_texts(out / "removed" / step))
+            removed = set(read_shards(out / "removed" / step))
             caught = sum(1 for d in docs if d.text in removed)
         scores[kind] = {"caught": caught, "planted": len(docs), "by": step}
     return scores

@@ -12,6 +12,7 @@ completion markers) and ends with the same bytes as an uninterrupted run; other 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import shutil
@@ -46,6 +47,15 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+
+
+def read_shards(folder: Path, key: str = "text") -> list[Any]:
+    """One field of every document in a folder of jsonl.gz shards (kept or removed), in shard order."""
+    values: list[Any] = []
+    for shard in sorted(Path(folder).glob("*.jsonl.gz")):
+        with gzip.open(shard, "rt", encoding="utf-8") as f:
+            values += [json.loads(line)[key] for line in f]
+    return values
 
 
 def prepare_out(out: Path, fingerprint: str, overwrite: bool) -> bool:
