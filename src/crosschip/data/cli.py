@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from crosschip.cli_common import JsonOpt, err, make_app, print_json, run_app
+
+if TYPE_CHECKING:
+    from crosschip.data.executors import ExecutorConfig
 
 data_app = make_app("data", "Curate corpora (filters, dedup, PII) and tokenize them for training, on datatrove.")
 
@@ -21,7 +24,7 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 
 
 def executor_config(executor: str, tasks: int, workers: int | None, ray_address: str | None,
-                    slurm_partition: str | None) -> object:
+                    slurm_partition: str | None) -> ExecutorConfig:
     from crosschip.data.executors import ExecutorConfig, default_workers
 
     return ExecutorConfig(kind=executor, tasks=tasks, workers=workers or default_workers(),
@@ -159,5 +162,3 @@ def tokenize(
 def main() -> None:
     run_app(data_app)
 
-
-__all__ = ["data_app", "err", "print_json", "Path", "JsonOpt"]

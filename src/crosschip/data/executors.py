@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,13 +42,6 @@ class ExecutorConfig:
                                  "pass positive counts, e.g. --tasks 4 --workers 2")
         if self.kind == "slurm" and not self.slurm_partition:
             raise CrosschipError("--executor slurm needs a partition", "pass --slurm-partition NAME")
-
-    def settings(self) -> dict[str, Any]:
-        """What shapes the output (recorded in manifests): the task count; not where or how wide it ran."""
-        return {"tasks": self.tasks}
-
-    def describe(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def default_workers() -> int:

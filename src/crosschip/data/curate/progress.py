@@ -11,6 +11,8 @@ from typing import IO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from crosschip.data.executors import completed_tasks
+
 
 def _count(folder: Path) -> int:
     total = 0
@@ -20,11 +22,6 @@ def _count(folder: Path) -> int:
                 with contextlib.suppress(OSError, ValueError):
                     total += int(f.read_text() or 0)
     return total
-
-
-def _tasks_done(logging_dir: Path) -> int:
-    done = logging_dir / "completions"
-    return sum(1 for _ in done.iterdir()) if done.is_dir() else 0
 
 
 @contextlib.contextmanager
@@ -44,7 +41,7 @@ def stage_progress(stream: IO[str], label: str, logging_dir: Path, tasks: int, d
 
         def poll() -> None:
             while not stop.wait(0.5):
-                done = _count(logging_dir / "progress") if docs_total else _tasks_done(logging_dir)
+                done = _count(logging_dir / "progress") if docs_total else completed_tasks(logging_dir)
                 bar.update(task, completed=min(done, total))
 
         thread = threading.Thread(target=poll, daemon=True)

@@ -21,9 +21,10 @@ from crosschip.htmlreport import CSS, Series, esc, html_table, jsonable, line_ch
 
 SCHEMA_VERSION = 1
 _SKIP = ("READER", "WRITER", "STATS")  # datatrove step types that neither drop nor change documents
-_REMOVED_FOLDER = {"Gopher Repetition": "gopher_repetition", "Gopher Quality": "gopher_quality",
-                   "C4 Quality": "c4_quality", "FineWeb Quality": "fineweb_quality", "Language ID": "language",
-                   "Exact dedup": "exact", "MinHash": "minhash"}
+# datatrove step name (lower case, a substring) -> the folder its exclusion writer fills (pipeline.removed_writer)
+_REMOVED_FOLDER = {"gopher repetition": "gopher_repetition", "gopher quality": "gopher_quality",
+                   "c4 quality": "c4_quality", "fineweb quality": "fineweb_quality", "language": "language",
+                   "exact": "exact", "minhash": "minhash"}
 EXAMPLE_CHARS = 400
 
 
@@ -35,16 +36,7 @@ def _short_name(name: str) -> str:
 
 def _folder_for(name: str) -> str | None:
     low = name.lower()
-    for key, folder in _REMOVED_FOLDER.items():
-        if key.lower() in low:
-            return folder
-    if "language" in low:
-        return "language"
-    if "exact" in low:
-        return "exact"
-    if "minhash" in low:
-        return "minhash"
-    return None
+    return next((folder for key, folder in _REMOVED_FOLDER.items() if key in low), None)
 
 
 def count(value: Any) -> int:
