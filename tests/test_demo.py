@@ -46,7 +46,8 @@ def test_the_served_request_is_a_docstring_continuation_cut_at_a_blank_line(make
                                                                             tmp_path: Path) -> None:
     from crosschip.serve.api import _load, build_app
 
-    engine, tokenizer = _load(make_checkpoint("tiny", tmp_path / "ckpt"), "cpu", None, 2, 4, 256, False)
+    engine, tokenizer = _load(make_checkpoint("tiny", tmp_path / "ckpt"), "cpu", None,
+                              {"max_batch": 2, "max_queue": 4, "max_context": 256}, False)
     with TestClient(build_app(engine, tokenizer)) as http:
         client = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
         text, finish, generated = demo.ask_served(client, engine.model_name)

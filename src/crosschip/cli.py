@@ -242,7 +242,8 @@ def generate(
 def serve(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint directory (any format convert writes).")],
     device: Annotated[str, typer.Option(help="cpu, cuda[:N], npu[:N], mps, xpu, or auto.")] = "auto",
-    dtype: Annotated[str | None, typer.Option(help="fp32, bf16 or fp16 (default fp32).")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="auto (default: the stored precision where native, else fp32 on CPUs), fp32, bf16 or fp16.")] = None,
     host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     max_batch: Annotated[int | None, typer.Option(help="Sequences in the running batch.")] = None,
@@ -250,13 +251,18 @@ def serve(
     max_context: Annotated[int | None, typer.Option(help="Tokens per sequence (prompt + output).")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY'.")] = None,
     request_timeout: Annotated[float, typer.Option(help="Seconds before a request is aborted.")] = 600.0,
-    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step.")] = False,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the step's token-parallel parts.")
+                             ] = False,
+    max_num_batched_tokens: Annotated[int | None, typer.Option(
+        help="Tokens one step may run: decodes first, then prompt chunks (default 512).")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Token positions per KV cache block (default 16).")] = None,
 ) -> None:
     """Serve a checkpoint behind an OpenAI-compatible API with continuous batching."""
     from crosschip.serve.api import run_server
 
     run_server(ckpt, device=device, dtype=dtype, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
-               max_context=max_context, api_key=api_key, request_timeout_s=request_timeout, compile=compile_model)
+               max_context=max_context, api_key=api_key, request_timeout_s=request_timeout, compile=compile_model,
+               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size)
 
 
 @app.command()

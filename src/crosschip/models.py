@@ -107,6 +107,11 @@ class DeepseekV3Preset:
             max_position_embeddings=self.max_position,
             # MTP layers are not trained here; declaring none keeps the checkpoint self-consistent.
             num_nextn_predict_layers=0,
+            # What transformers' DeepseekV3 computes (sigmoid scores, bias-corrected group top-k), stated the way
+            # DeepSeek-V3's own config.json does: vLLM reads these, and without them routes by softmax and
+            # has no e_score_correction_bias to load.
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
             tie_word_embeddings=False,
             bos_token_id=bos_id,
             eos_token_id=eos_id,
@@ -129,6 +134,12 @@ _PRESETS: tuple[Preset, ...] = (
     DeepseekV3Preset(
         "deepseek-small", "DeepSeek-V3 style MLA+MoE, ~8M params: CPU runs", 256, 4, 4, 688, 256, 8, 2, 1, 1,
         kv_lora_rank=64, q_lora_rank=128, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+        n_group=2, topk_group=1, max_position=1024,
+    ),
+    DeepseekV3Preset(
+        "deepseek-serve", "DeepSeek-V3 style, V3's own MLA sizes (latent 512 + RoPE 64), ~8M params: serving "
+        "benchmarks (vLLM's CPU MLA takes only this latent size)", 256, 2, 4, 688, 256, 8, 2, 1, 1,
+        kv_lora_rank=512, q_lora_rank=128, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
         n_group=2, topk_group=1, max_position=1024,
     ),
 )

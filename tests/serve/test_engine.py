@@ -21,6 +21,7 @@ from crosschip.serve.engine_api import (
     RequestTooLongError,
     SamplingOptions,
 )
+from crosschip.serve.paged import StepBatch
 from crosschip.serve.sampling import filter_top_k_rows, sample_rows, uniforms
 
 VOCAB = 400
@@ -360,14 +361,16 @@ def test_sample_rows_follows_the_filtered_distribution() -> None:
 
 def test_a_failing_prefill_fails_only_its_request() -> None:
     engine = make_engine(max_batch=2)
-    real_prefill = engine.runner.prefill
+    real_forward = engine.runner.forward
 
-    def prefill(slot: int, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        if int(ids[0]) == 7:  # fault injection: this prompt does not fit in device memory
+    def forward(batch: StepBatch) -> torch.Tensor:
+        ids = batch.tokens.tolist()
+        firsts = [ids[batch.query_starts[b]] for b, start in enumerate(batch.starts) if start == 0]
+        if 7 in firsts:  # fault injection: the prompt starting with 7 does not fit in device memory
             raise RuntimeError("out of memory")
-        return real_prefill(slot, ids, last_only)
+        return real_forward(batch)
 
-    engine.runner.prefill = prefill
+    engine.runner.forward = forward
 
     async def main() -> list[Any]:
         results = await asyncio.gather(
@@ -389,7 +392,7 @@ def test_a_crashed_scheduler_fails_live_requests_and_refuses_new_ones() -> None:
     def decode(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise ValueError("kernel failure")  # fault injection: not a per-request error
 
-    engine.runner.decode = decode
+    engine.runner.forward = decode
 
     async def main() -> list[Any]:
         results = await asyncio.gather(

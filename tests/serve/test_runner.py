@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedModel, Qwen2Config
 
 from crosschip import models
 from crosschip.errors import CrosschipError
+from crosschip.serve.paged import BlockAllocator, Chunk, build_step
+from crosschip.serve.proj import LAYOUTS, SPLIT_MAX_ROWS, Proj, _onednn_linear, pick_layouts
 from crosschip.serve.runner import (
-    LAYOUTS,
-    SPLIT_MAX_ROWS,
     DenseRunner,
     HFRunner,
-    _onednn_linear,
-    _Proj,
     dense_kv_bytes_per_token,
     fast_path_problem,
     make_runner,
     measure_kv_bytes_per_token,
-    pick_layouts,
-    plan_slots,
+    plan_blocks,
 )
 
 VOCAB = 400
@@ -42,24 +41,42 @@ def prompts(n: int, lengths: list[int]) -> list[torch.Tensor]:
     return [torch.randint(3, VOCAB, (length,), generator=gen) for length in lengths]
 
 
-def check_against_hf(model: PreTrainedModel, runner: object, atol: float) -> None:
-    """Prefill three sequences (slots 0-2) to different lengths, then decode them together step by step.
+def scrambled_allocator(runner: object, seed: int = 0) -> BlockAllocator:
+    """The runner's block pool handed out in a shuffled order, so block tables are far from contiguous."""
+    alloc = BlockAllocator(runner.num_blocks, runner.block_size)
+    random.Random(seed).shuffle(alloc._free)  # noqa: SLF001 - the test scrambles the pool on purpose
+    return alloc
 
-    Every logit row must equal HF's forward over the whole sequence at that position.
+
+def check_against_hf(model: PreTrainedModel, runner: object, atol: float) -> None:
+    """Three sequences through mixed steps: whole and chunked prefills beside decodes, then decodes alone.
+
+    Step 1 prefills seq 0 whole and the first 8 tokens of seq 2; step 2 decodes seq 0 beside seq 2's second
+    chunk and seq 1's whole prompt; then all three decode together. Every returned logit row must equal HF's
+    forward over the whole sequence at that position.
     """
     seqs = prompts(1, [20, 16, 26])
-    starts = [9, 4, 15]  # prompt lengths; the rest of each sequence is fed one token per decode step
     refs = [hf_logits(model, s) for s in seqs]
-    for slot, (s, start, ref) in enumerate(zip(seqs, starts, refs, strict=True)):
-        got = runner.prefill(slot, s[:start])
-        torch.testing.assert_close(got, ref[:start], atol=atol, rtol=0)
-        assert runner.prefill(slot, s[:start], last_only=True).shape == (1, VOCAB)
-    for step in range(10):
-        positions = torch.tensor([start + step for start in starts])
-        tokens = torch.stack([s[p] for s, p in zip(seqs, positions.tolist(), strict=True)])
-        got = runner.decode(None, tokens, positions)  # [3, V]
-        want = torch.stack([ref[p] for ref, p in zip(refs, positions.tolist(), strict=True)])
-        torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    alloc, tables = scrambled_allocator(runner), [[], [], []]
+    done = [0, 0, 0]  # positions computed per sequence
+
+    def step(plan: list[tuple[int, int, str]]) -> None:
+        chunks = []
+        for k, n, mode in plan:
+            assert alloc.grow(tables[k], done[k] + n)
+            chunks.append(Chunk(k, seqs[k][done[k] : done[k] + n].tolist(), done[k], tables[k], mode))
+        got = runner.forward(build_step(chunks, runner.block_size, torch.device("cpu")))
+        want = []
+        for k, n, mode in plan:
+            rows = {"none": [], "last": [done[k] + n - 1], "all": list(range(done[k], done[k] + n))}[mode]
+            want += [refs[k][r] for r in rows]
+            done[k] += n
+        torch.testing.assert_close(got, torch.stack(want), atol=atol, rtol=0)
+
+    step([(0, 9, "all"), (2, 8, "none")])
+    step([(0, 1, "last"), (2, 7, "all"), (1, 4, "all")])
+    for _ in range(10):
+        step([(k, 1, "last") for k in range(3)])
 
 
 ONEDNN = pytest.mark.skipif(_onednn_linear() is None, reason="this torch build has no oneDNN linear")
@@ -80,7 +97,7 @@ ONEDNN = pytest.mark.skipif(_onednn_linear() is None, reason="this torch build h
 )
 def test_dense_runner_matches_hf_fp32(preset: str, layout: str) -> None:
     model = preset_model(preset)
-    runner = make_runner(model, max_batch=4, max_context=64, layout=layout)
+    runner = make_runner(model, max_batch=4, max_context=64, layout=layout, block_size=4)
     assert isinstance(runner, DenseRunner)
     check_against_hf(model, runner, FP32_ATOL)
 
@@ -88,14 +105,14 @@ def test_dense_runner_matches_hf_fp32(preset: str, layout: str) -> None:
 def test_generic_runner_matches_hf_fp32_on_deepseek() -> None:
     model = preset_model("deepseek-tiny")
     assert fast_path_problem(model, 64) is not None  # MLA + MoE: no dense fast path
-    runner = make_runner(model, max_batch=4, max_context=64)
+    runner = make_runner(model, max_batch=4, max_context=64, generic=True, block_size=4)
     assert isinstance(runner, HFRunner)
     check_against_hf(model, runner, FP32_ATOL)
 
 
 def test_generic_runner_also_runs_llama() -> None:
     model = preset_model("tiny")
-    runner = make_runner(model, max_batch=4, max_context=64, generic=True)
+    runner = make_runner(model, max_batch=4, max_context=64, generic=True, block_size=4)
     assert isinstance(runner, HFRunner)
     check_against_hf(model, runner, FP32_ATOL)
 
@@ -108,28 +125,17 @@ def test_dense_runner_bf16_within_bf16_tolerance(preset: str) -> None:
     model = model.to(torch.bfloat16)
     ref16 = hf_logits(model, ids)
     runner = make_runner(model, max_batch=2, max_context=64, layout="nt")
-    got = [runner.prefill(0, ids[:20])]
-    got += [runner.decode(None, ids[p : p + 1], torch.tensor([p])) for p in range(20, 30)]
+    table: list[int] = []
+    assert scrambled_allocator(runner).grow(table, 30)
+    got = [runner.forward(build_step([Chunk(0, ids[:20].tolist(), 0, table, "all")], runner.block_size, ids.device))]
+    for p in range(20, 30):
+        chunk = Chunk(0, [int(ids[p])], p, table, "last")
+        got.append(runner.forward(build_step([chunk], runner.block_size, ids.device)))
     got_all = torch.cat(got)
     # Same bf16 arithmetic as HF up to summation order: well within one bf16 ulp of the logit scale,
     # and no further from the fp32 truth than HF's own bf16 forward (plus a little).
     assert (got_all - ref16).abs().max() < 0.03
     assert (got_all - ref32).abs().max() < 2 * (ref16 - ref32).abs().max() + 5e-3
-
-
-def test_decode_through_gathered_slots_and_after_move() -> None:
-    model = preset_model("tiny")
-    runner = make_runner(model, max_batch=4, max_context=64, layout="nt")
-    seq = prompts(3, [20])[0]
-    ref = hf_logits(model, seq)
-    runner.prefill(0, prompts(4, [7])[0])  # another sequence in slot 0
-    runner.prefill(3, seq[:12])
-    got = runner.decode(torch.tensor([3]), seq[12:13], torch.tensor([12]))  # gather path, slot 3 alone
-    torch.testing.assert_close(got[0], ref[12], atol=FP32_ATOL, rtol=0)
-    runner.move(3, 1, length=13)  # compaction: slot 3's 13 cached positions now live in slot 1
-    for p in range(13, 16):
-        both = runner.decode(None, torch.stack([seq[0], seq[p]]), torch.tensor([7, p]))  # slots 0 and 1
-        torch.testing.assert_close(both[1], ref[p], atol=FP32_ATOL, rtol=0)
 
 
 def test_hf_module_still_matches_after_weight_fusion() -> None:
@@ -157,7 +163,7 @@ def _tiny(config_cls: type, **extra: object) -> PreTrainedModel:
 )
 def test_dense_runner_covers_llama_like_archs(make: object) -> None:
     model = make()
-    runner = make_runner(model, max_batch=4, max_context=64, layout="nt")
+    runner = make_runner(model, max_batch=4, max_context=64, layout="nt", block_size=4)
     assert isinstance(runner, DenseRunner)
     check_against_hf(model, runner, FP32_ATOL)
 
@@ -173,12 +179,15 @@ def test_kv_accounting() -> None:
     assert dense_kv_bytes_per_token(llama) == 2 * 2 * 2 * 16 * 4
     assert measure_kv_bytes_per_token(llama) == dense_kv_bytes_per_token(llama)
     runner = make_runner(llama, max_batch=8, max_context=64, kv_budget_bytes=3 * 64 * 512 + 100, layout="nt")
-    assert runner.num_slots == 3 and runner.kv_bytes_per_token == 512
+    assert runner.num_blocks * runner.block_size == 3 * 64 and runner.kv_bytes_per_token == 512
+    # the pool holds what the budget buys, never more than max_batch full-context sequences
+    assert plan_blocks(4, 64, 512, 10**9, 16) == 4 * 4
+    assert plan_blocks(4, 64, 512, 64 * 512 + 16 * 512, 16) == 5  # one full sequence and a block more
     # MLA caches the compressed latent + RoPE key: (kv_lora_rank 32 + rope 8) * 2 layers * 4 bytes
     assert measure_kv_bytes_per_token(preset_model("deepseek-tiny")) == (32 + 8) * 2 * 4
-    assert plan_slots(16, 2048, 1000, None) == 16
+    assert plan_blocks(16, 2048, 1000, None, 16) == 16 * 128
     with pytest.raises(CrosschipError, match="KV budget"):
-        plan_slots(4, 2048, 1000, 2048 * 1000 - 1)
+        plan_blocks(4, 2048, 1000, 2048 * 1000 - 1, 16)
 
 
 @pytest.mark.parametrize("rows", [1, 2, SPLIT_MAX_ROWS, SPLIT_MAX_ROWS + 1, 33])
@@ -187,14 +196,14 @@ def test_split_layout_equals_linear_at_every_batch_size(rows: int) -> None:
     weight, bias = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
     x = torch.randn(rows, 40, generator=gen)
     for b in (None, bias):
-        got = _Proj(weight, b, "split")(x)
+        got = Proj(weight, b, "split")(x)
         assert got.shape == (rows, 96) and got.is_contiguous()
         torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), atol=1e-5, rtol=0)
 
 
 def test_split_layout_refuses_rows_that_do_not_split() -> None:
     with pytest.raises(CrosschipError, match="do not split"):
-        _Proj(torch.randn(7, 8), None, "split")
+        Proj(torch.randn(7, 8), None, "split")
 
 
 def test_pick_layouts_measures_every_shape() -> None:
@@ -203,3 +212,12 @@ def test_pick_layouts_measures_every_shape() -> None:
     assert set(layouts.values()) <= set(LAYOUTS)
     with pytest.raises(CrosschipError, match="layout"):
         make_runner(preset_model("tiny"), max_batch=1, max_context=32, layout="tn")
+
+
+def test_compiled_runner_matches_hf_fp32() -> None:
+    """--compile: the token-parallel parts run as inductor graphs (dynamic token count) on the nt layout."""
+    model = preset_model("tiny")
+    runner = make_runner(model, max_batch=4, max_context=64, compile=True, block_size=4)
+    check_against_hf(model, runner, FP32_ATOL)
+    with pytest.raises(CrosschipError, match="compile"):
+        make_runner(preset_model("tiny"), max_batch=1, max_context=32, compile=True, layout="split")

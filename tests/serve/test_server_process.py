@@ -98,6 +98,9 @@ def test_models_health_metrics_openapi(server: Any, client: openai.OpenAI) -> No
         "crosschip_queue_depth",
         "crosschip_running_batch_size",
         "crosschip_kv_cache_used_tokens",
+        "crosschip_kv_cache_used_blocks",
+        "crosschip_kv_cache_total_blocks",
+        "crosschip_num_preemptions",
         "crosschip_time_to_first_token_seconds_count",
         "crosschip_inter_token_latency_seconds_count",
     ):
@@ -311,11 +314,13 @@ def test_full_queue_is_429_and_disconnect_frees_the_cache(tight: Any) -> None:
                 int(rejected.headers["Retry-After"]) >= 1 and rejected.json()["error"]["code"] == "queue_full"
             )
             assert tight.metrics()["crosschip_kv_cache_used_tokens"] > 0
+            assert tight.metrics()["crosschip_kv_cache_used_blocks"] > 0
         # Leaving the block closed the connection: the long sequence is cancelled, the queued one runs.
         waiter.join(timeout=30)
     assert queued["r"].status_code == 200, "the queued request was admitted once the slot freed"
     _wait_for(lambda: tight.metrics()["crosschip_running_batch_size"] == 0, srv=tight)
     assert tight.metrics()["crosschip_kv_cache_used_tokens"] == 0
+    assert tight.metrics()["crosschip_kv_cache_used_blocks"] == 0  # the aborted request's blocks are back
 
 
 def test_non_streaming_disconnect_cancels(tight: Any) -> None:
@@ -328,6 +333,7 @@ def test_non_streaming_disconnect_cancels(tight: Any) -> None:
         )
     _wait_for(lambda: tight.metrics()["crosschip_running_batch_size"] == 0, srv=tight)
     assert tight.metrics()["crosschip_kv_cache_used_tokens"] == 0
+    assert tight.metrics()["crosschip_kv_cache_used_blocks"] == 0
 
 
 def _stream_events(url: str, body: dict[str, Any], sink: list[dict[str, Any] | str]) -> None:

@@ -427,15 +427,19 @@ def run_server(
     request_timeout_s: float = DEFAULT_TIMEOUT_S,
     compile: bool = False,
     log_level: str = "warning",
+    max_num_batched_tokens: int | None = None,
+    block_size: int | None = None,
 ) -> None:
     """`crosschip serve`: load the checkpoint into a BatchEngine and serve it (blocks until shutdown).
 
-    dtype is a precision name (fp32, bf16, fp16; None: fp32). None for max_batch/max_queue/max_context
-    means the engine's default.
+    dtype is a precision name (fp32, bf16, fp16) or auto (None: auto, see `devices.serve_precision`). None for
+    max_batch/max_queue/max_context/max_num_batched_tokens/block_size means the engine's default.
     """
     sock = _bind(host, port)  # fail fast on a busy port, before loading the model
+    limits = {"max_batch": max_batch, "max_queue": max_queue, "max_context": max_context,
+              "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size}
     try:
-        engine, tokenizer = _load(Path(ckpt), device, dtype, max_batch, max_queue, max_context, compile)
+        engine, tokenizer = _load(Path(ckpt), device, dtype, limits, compile)
     except BaseException:
         sock.close()
         raise
@@ -447,18 +451,15 @@ def _load(
     ckpt: Path,
     device: str,
     dtype: str | None,
-    max_batch: int | None,
-    max_queue: int | None,
-    max_context: int | None,
+    limits: dict[str, int | None],
     compile: bool,
 ) -> tuple[Engine, Any]:
     """The BatchEngine and the checkpoint's tokenizer; bad settings become CrosschipErrors."""
-    import torch
-
     from crosschip.checkpoint import load_model, load_tokenizer_if_present
     from crosschip.devices import resolve_device, torch_dtype
     from crosschip.models import attention_of
     from crosschip.serve.engine import BatchEngine
+    from crosschip.serve.int8 import load_int8_weights
 
     tokenizer = load_tokenizer_if_present(ckpt)
     if tokenizer is None:
@@ -469,20 +470,42 @@ def _load(
     warning = bos_warning(ckpt, tokenizer)
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)
-    limits = {"max_batch": max_batch, "max_queue": max_queue, "max_context": max_context}
     target = resolve_device(device)
+    precision, why = _precision(ckpt, target, dtype)
     # Loaded before the engine is built: a checkpoint transformers cannot build is load_model's own one-line
     # error, and only the engine's ValueErrors below are about the serving limits.
-    model, _ = load_model(ckpt, target, torch.float32 if dtype is None else torch_dtype(dtype))
+    model, ckpt_obj = load_model(ckpt, target, torch_dtype(precision))
+    int8 = load_int8_weights(ckpt_obj)  # W8A8 checkpoints: their Linears run on int8 kernels, not dequantized
     try:
         engine = BatchEngine(model, tokenizer, model_name=ckpt.resolve().name, device=target, compile=compile,
-                             **{k: v for k, v in limits.items() if v is not None})
+                             int8=int8, **{k: v for k, v in limits.items() if v is not None})
     except ValueError as e:  # the engine's checks of max_batch / max_queue / max_context
-        fix = "adjust --max-batch / --max-queue / --max-context"
+        fix = "adjust --max-batch / --max-queue / --max-context / --max-num-batched-tokens / --block-size"
         raise CrosschipError(f"cannot serve {ckpt}: {e}", fix) from e
-    print(f"loaded {type(model).__name__} on {target} ({str(model.dtype).removeprefix('torch.')}, attention "
-          f"{attention_of(model)}, runner {type(engine.runner).__name__})", flush=True)  # stdout, as `serving ...`
+    kernels = getattr(engine.runner, "int8_backends", [])
+    w8a8 = f"; W8A8 on int8 kernels ({', '.join(kernels)})" if kernels else ""
+    print(f"loaded {type(model).__name__} on {target} ({precision}: {why}; attention {attention_of(model)}, "
+          f"runner {type(engine.runner).__name__}{w8a8})", flush=True)  # stdout, as `serving ...`
     return engine, tokenizer
+
+
+def _precision(ckpt: Path, device: Any, dtype: str | None) -> tuple[str, str]:
+    """The compute precision: the one asked for, or `--dtype auto`'s pick for how the checkpoint stores floats."""
+    import torch
+
+    from crosschip import checkpoint
+    from crosschip.devices import PRECISIONS, precision_name, serve_precision
+
+    if dtype not in (None, "auto"):
+        return dtype, "as asked"
+    ckpt_obj = checkpoint.open_checkpoint(ckpt, verify=False)
+    fmt, _ = checkpoint.storage_format(ckpt_obj)
+    if fmt in PRECISIONS:
+        stored = fmt
+    else:  # a quantized format: its unquantized tensors (norms, embeddings) are in the config's dtype
+        declared = getattr(ckpt_obj.config, "dtype", None) or getattr(ckpt_obj.config, "torch_dtype", None)
+        stored = precision_name(declared) if isinstance(declared, torch.dtype) else "fp32"
+    return serve_precision(stored, device)
 
 
 def bos_warning(ckpt: Path, tokenizer: Any) -> str | None:
@@ -523,6 +546,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=DEFAULT_TIMEOUT_S)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=None)
     return p
 
 
@@ -542,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             a.request_timeout,
             a.compile,
             a.log_level,
+            a.max_num_batched_tokens,
+            a.block_size,
         )
     except CrosschipError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,20 +1,25 @@
-"""`BatchEngine`: continuous batching behind the `engine_api.Engine` contract.
+"""`BatchEngine`: continuous batching with chunked prefill over a paged KV cache (`engine_api.Engine`).
 
 One scheduler thread owns the model, the KV cache and every running sequence. Each iteration it
 (1) takes new requests and aborts from a lock-protected inbox, (2) aborts timed-out requests,
-(3) admits waiting requests FIFO into free cache slots and prefills them one at a time, (4) runs
-ONE batched decode step for all running sequences and samples their next tokens in one batched
-call. Sequences join and leave the batch at these token boundaries. Outputs reach each request's
-`asyncio.Queue` through `loop.call_soon_threadsafe`, one call per event loop and step, so the
-server's event loop never waits on model work (torch ops release the GIL).
+(3) schedules one step under a token budget (`max_num_batched_tokens`), as vLLM's V1 scheduler
+does: every running decode gets its one token, then unfinished prompts continue, then waiting
+requests are admitted FIFO while blocks and budget last, a long prompt being split into chunks
+over several steps, (4) runs the whole step as ONE forward (`runner.forward`) and samples every
+sequence that reached the end of its tokens in one batched call: the only host sync of the step.
 
-Live sequences always occupy slots 0..B-1: when one leaves, the sequence in the highest slot moves
-into its place (`runner.move`), so a decode step reads the cache through views.
+A sequence holds KV cache blocks (`paged.BlockAllocator`) for the tokens it has computed, grown
+on demand and freed when it finishes or is aborted. When the pool runs dry, the newest running
+sequence is preempted: its blocks are freed and it waits to be recomputed (prompt + tokens so far),
+so its output continues unchanged. Outputs reach each request's `asyncio.Queue` through
+`loop.call_soon_threadsafe`, one call per event loop and step, so the server's event loop never
+waits on model work (torch ops release the GIL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import threading
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from crosschip.devices import memory_info, resolve_device
@@ -36,12 +42,18 @@ from crosschip.serve.engine_api import (
     RequestOutput,
     RequestTooLongError,
 )
+from crosschip.serve.paged import DEFAULT_BLOCK_SIZE, BlockAllocator, Chunk, build_step
 from crosschip.serve.runner import make_runner
-from crosschip.serve.sampling import SlotTable, prompt_logprobs, token_logprobs
+from crosschip.serve.sampling import SamplingTable, prompt_logprobs, token_logprobs
 
 DEFAULT_MAX_CONTEXT = 2048
 # Default KV budget when none is given: this share of the device memory not yet allocated.
 DEFAULT_KV_MEMORY_FRACTION = 0.4
+# Tokens one step may run (vLLM's max_num_batched_tokens): decodes first, then prompt chunks up to this budget.
+# Larger steps read the weights fewer times per token; smaller ones keep running decodes from stalling behind
+# long prompts (decode latency <= one step).
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+_KEYS = itertools.count()  # a sequence's runner key: unique for the process, unlike a client's request id
 
 
 class EngineClosedError(QueueFullError):
@@ -63,11 +75,15 @@ class _Sequence:
     deadline: float  # math.inf without a timeout
     seed: int
     stop_ids: frozenset[int]
-    position: int = 0  # tokens in the KV cache; the pending token goes here
-    generated: int = 0  # tokens returned so far (a stop token is not returned)
+    tokens: list[int] = field(default_factory=list)  # prompt + generated; the last may not be computed yet
+    computed: int = 0  # tokens whose K/V is in the cache
+    blocks: list[int] = field(default_factory=list)  # block table
+    row: int = -1  # sampling table row while running
+    key: int = field(default_factory=lambda: next(_KEYS))
+    generated: int = 0  # tokens returned so far
     first_token_sent: bool = False
+    prompt_done: bool = False  # prompt logprobs (if asked for) were returned
     finished: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -126,7 +142,9 @@ class BatchEngine:
         compile: bool = False,
         layout: str = "auto",
         generic: bool = False,
-        max_prefill_tokens: int = 4096,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        int8: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -138,11 +156,19 @@ class BatchEngine:
         if not 1 <= self.max_context <= limit:
             raise ValueError(f"max_context must be in [1, {limit}] for this model, got {self.max_context}")
         budget = kv_budget_bytes if kv_budget_bytes is not None else _default_kv_budget(self.device)
-        self.runner = make_runner(model, max_batch, self.max_context, budget, compile, generic, layout)
-        self.max_batch, self.max_queue = self.runner.num_slots, max_queue
+        if max_batch < 1 or max_num_batched_tokens < 1:
+            raise ValueError(f"max_batch and max_num_batched_tokens must be >= 1, got {max_batch}, "
+                             f"{max_num_batched_tokens}")
+        self.runner = make_runner(model, max_batch, self.max_context, budget, compile, generic, layout, block_size,
+                                  int8)
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_size = self.runner.vocab_size
-        self.max_prefill_tokens = max_prefill_tokens
-        self._table = SlotTable(self.runner.num_slots, self.device)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self._blocks = BlockAllocator(self.runner.num_blocks, self.runner.block_size)
+        # Admission keeps this many blocks free for running sequences to grow into (vLLM's watermark).
+        self._watermark = self.runner.num_blocks // 100
+        self._table = SamplingTable(max_batch, self.device)
+        self._rows = list(range(max_batch - 1, -1, -1))  # free sampling-table rows
         self._rng = random.Random()
         # Reentrant: a stream's __del__ may run (garbage collection) on a thread that holds the lock.
         self._lock = threading.RLock()
@@ -150,18 +176,17 @@ class BatchEngine:
         self._inbox: deque[_Sequence] = deque()
         self._aborts: list[_Sequence] = []
         self._live: dict[str, _Sequence] = {}
-        self._pending = 0  # submitted, not yet admitted to a slot (guarded by _lock)
-        self._occupied = 0  # slots held by admitted sequences (guarded by _lock)
-        self._stats = EngineStats(
-            0, 0, 0, self.runner.num_slots * self.max_context, self.max_batch, max_queue
-        )
+        self._pending = 0  # submitted, not yet running (guarded by _lock)
+        self._occupied = 0  # running sequences (guarded by _lock)
         self._closing = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         # scheduler-thread state
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # index == slot
+        self._running: list[_Sequence] = []  # in admission order
         self._next_deadline = math.inf
+        self._preemptions = 0
+        self._stats = self._snapshot()
 
     @classmethod
     def from_checkpoint(
@@ -172,10 +197,12 @@ class BatchEngine:
         model_name defaults to the name of the directory given (a training run's name, not `model`).
         """
         from crosschip.checkpoint import load_model, load_tokenizer_if_present
+        from crosschip.serve.int8 import load_int8_weights
 
         target = resolve_device(device)
         model, ckpt = load_model(Path(path), target, dtype or torch.float32)
         kwargs.setdefault("model_name", Path(path).resolve().name)
+        kwargs.setdefault("int8", load_int8_weights(ckpt))
         return cls(model, load_tokenizer_if_present(ckpt.path), device=target, **kwargs)
 
     # ------------------------------------------------------------------ public API (event loop side)
@@ -191,7 +218,8 @@ class BatchEngine:
         seed = self._rng.getrandbits(64) if opts.seed is None else opts.seed
         deadline = math.inf if request.timeout_s is None else time.monotonic() + request.timeout_s
         stop = frozenset(opts.stop_token_ids)
-        seq = _Sequence(request, loop, asyncio.Queue(), time.monotonic(), deadline, seed, stop)
+        seq = _Sequence(request, loop, asyncio.Queue(), time.monotonic(), deadline, seed, stop,
+                        tokens=list(request.prompt_ids))
         with self._lock:
             if self._error is not None:
                 raise EngineClosedError(f"the engine stopped after an error: {self._error!r}")
@@ -199,7 +227,7 @@ class BatchEngine:
                 raise EngineClosedError()
             if request.request_id in self._live:
                 raise ValueError(f"request id {request.request_id!r} is already running")
-            free_slots = self.runner.num_slots - self._occupied
+            free_slots = self.max_batch - self._occupied
             if self._pending - free_slots >= self.max_queue:
                 raise QueueFullError(retry_after_s=1.0)
             self._pending += 1
@@ -310,9 +338,9 @@ class BatchEngine:
             self._publish_stats()
             self._deliver(outputs)
             return False
-        self._admit(outputs)
-        if self._running:
-            self._decode_step(outputs)
+        plan = self._schedule()
+        if plan:
+            self._step(plan, outputs)
         self._publish_stats()  # before delivery: a consumer that sees an output sees stats at least as new
         self._deliver(outputs)
         if not self._running and not outputs:
@@ -351,11 +379,10 @@ class BatchEngine:
         """Finish a waiting or running sequence now (abort / timeout)."""
         if seq.finished:
             return
-        if seq.position == 0:  # never admitted
-            if seq in self._waiting:
-                self._waiting.remove(seq)
-                with self._lock:
-                    self._pending -= 1
+        if seq in self._waiting:  # never admitted, or preempted
+            self._waiting.remove(seq)
+            with self._lock:
+                self._pending -= 1
         else:
             self._leave_batch(seq)
         self._finish(seq, reason, outputs)
@@ -379,78 +406,127 @@ class BatchEngine:
                 del self._live[seq.id]
         outputs.append((seq, RuntimeError(f"request {seq.id} failed in the engine: {exc!r}")))
 
+    def _release(self, seq: _Sequence) -> None:
+        """Give back seq's blocks, sampling row and any runner state."""
+        self._blocks.release(seq.blocks)
+        self.runner.free(seq.key)
+        if seq.row >= 0:
+            self._rows.append(seq.row)
+            seq.row = -1
+        seq.computed = 0
+
     def _leave_batch(self, seq: _Sequence) -> None:
-        """Free seq's slot; the sequence in the last slot moves into it so live slots stay 0..B-1."""
-        slot, last = seq.extra["slot"], len(self._running) - 1
-        if slot != last:
-            moved = self._running[last]
-            self.runner.move(last, slot, moved.position)
-            self._table.move(last, slot)
-            moved.extra["slot"] = slot
-            self._running[slot] = moved
-        else:
-            self.runner.release(slot)
-        self._running.pop()
+        """Take a running sequence out of the batch and free its blocks."""
+        self._running.remove(seq)
+        self._release(seq)
         with self._lock:
             self._occupied -= 1
 
-    def _admit(self, outputs: list) -> None:
-        """Admit waiting requests FIFO into free slots and prefill them (prefill is separate from decode)."""
-        prefilled = 0
-        while (
-            self._waiting
-            and len(self._running) < self.runner.num_slots
-            and prefilled < self.max_prefill_tokens
-        ):
-            seq = self._waiting.popleft()
+    def _preempt(self, seq: _Sequence) -> None:
+        """Out of blocks: free a running sequence's cache; it waits first in line to be recomputed."""
+        self._leave_batch(seq)
+        self._preemptions += 1
+        self._waiting.appendleft(seq)
+        with self._lock:
+            self._pending += 1
+
+    def _schedule(self) -> list[tuple[_Sequence, int]]:
+        """This step's (sequence, token count) pairs under the token budget; decodes come first."""
+        budget = self.max_num_batched_tokens
+        plan: dict[_Sequence, int] = {}
+        # Running sequences with one token left (decodes) first, then unfinished prompts, oldest first.
+        for seq in sorted(self._running, key=lambda s: len(s.tokens) - s.computed > 1):
+            if budget == 0 or seq not in self._running:  # out of budget, or preempted below
+                continue
+            n = self._chunk(seq, budget)
+            while not self._blocks.grow(seq.blocks, seq.computed + n):
+                victim = self._running[-1]  # the newest
+                budget += plan.pop(victim, 0)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                plan[seq] = n
+                budget -= n
+        while self._waiting and budget > 0 and len(self._running) < self.max_batch:
+            seq = self._waiting[0]
+            n = self._chunk(seq, budget)
+            reserve = self._watermark if self._running else 0
+            if self._blocks.missing(seq.blocks, seq.computed + n) + reserve > self._blocks.num_free:
+                break
+            self._waiting.popleft()
+            self._blocks.grow(seq.blocks, seq.computed + n)
+            seq.row = self._rows.pop()
+            self._table.set(seq.row, seq.request.sampling, seq.seed, self.vocab_size,
+                            seq.tokens[len(seq.request.prompt_ids):])
+            self._running.append(seq)
             with self._lock:
                 self._pending -= 1
                 self._occupied += 1
-            prefilled += len(seq.request.prompt_ids)
-            self._prefill(seq, outputs)
+            plan[seq] = n
+            budget -= n
+        return sorted(plan.items(), key=lambda item: item[1] > 1)  # single-token chunks first
 
-    def _prefill(self, seq: _Sequence, outputs: list) -> None:
-        req, opts = seq.request, seq.request.sampling
-        slot = len(self._running)
-        prompt = torch.tensor(req.prompt_ids, dtype=torch.long, device=self.device)
+    def _chunk(self, seq: _Sequence, budget: int) -> int:
+        """Tokens of seq to run now: all that are left, or what the budget allows (a prompt chunk).
+
+        A prompt whose logprobs are asked for runs whole, in one step: its logits are needed together.
+        """
+        left = len(seq.tokens) - seq.computed
+        if seq.request.sampling.prompt_logprobs is not None and not seq.prompt_done:
+            return left
+        return min(left, budget)
+
+    def _step(self, plan: list[tuple[_Sequence, int]], outputs: list) -> None:
+        """Run one step's forward, then sample every sequence that computed all its tokens."""
+        chunks = []
+        for seq, n in plan:
+            end = seq.computed + n
+            mode = "none" if end < len(seq.tokens) else "last"
+            if mode == "last" and seq.request.sampling.prompt_logprobs is not None and not seq.prompt_done:
+                mode = "all"
+            chunks.append(Chunk(seq.key, seq.tokens[seq.computed:end], seq.computed, seq.blocks, mode))
         try:
-            logits = self.runner.prefill(slot, prompt, last_only=opts.prompt_logprobs is None)
-        except RuntimeError as exc:  # e.g. out of device memory: fail this request, keep serving the rest
-            with self._lock:
-                self._occupied -= 1
-            self._fail(seq, exc, outputs)
+            batch = build_step(chunks, self.runner.block_size, self.device)
+            logits = self.runner.forward(batch)  # [R, V]
+        except RuntimeError as exc:  # e.g. out of device memory: fail the requests that cause it, keep serving
+            if len(plan) > 1:  # find them: each alone (rewriting the same cache positions is harmless)
+                for item in plan:
+                    self._step([item], outputs)
+                return
+            self._leave_batch(plan[0][0])
+            self._fail(plan[0][0], exc, outputs)
             return
-        seq.extra["slot"], seq.position = slot, len(req.prompt_ids)
-        self._running.append(seq)
-        self._table.set(slot, opts, seq.seed, self.vocab_size)
-        first = self._table.sample(logits[-1:], slot, slot + 1)  # [1]
-        out = RequestOutput(seq.id, num_prompt_tokens=len(req.prompt_ids))
-        if opts.prompt_logprobs is not None:
-            out.prompt_logprobs = prompt_logprobs(logits, prompt, min(opts.prompt_logprobs, self.vocab_size))
-        lps = token_logprobs(logits[-1:], first, [opts.logprobs]) if opts.logprobs is not None else None
-        self._table.begin(slot, first, seq.position)
-        self._emit(seq, int(first[0]), None if lps is None else lps[0], out, outputs)
+        done, last, offset = [], [], 0
+        for (seq, n), count in zip(plan, batch.logits_counts, strict=True):
+            seq.computed += n
+            if count:
+                done.append((seq, offset, count))
+                last.append(offset + count - 1)
+            offset += count
+        if done:
+            self._sample(done, logits, last, outputs)
 
-    def _decode_step(self, outputs: list) -> None:
-        """One batched decode step for every running sequence, then batched sampling."""
-        n = len(self._running)
-        max_len = max(seq.position for seq in self._running) + 1
-        logits = self.runner.decode(
-            None, self._table.tokens[:n], self._table.positions[:n], max_len=max_len
-        )  # [n, V]
-        ids = self._table.sample(logits, 0, n)  # [n]
-        self._table.advance(n, ids)
-        want = [i for i, seq in enumerate(self._running) if seq.request.sampling.logprobs is not None]
+    def _sample(self, done: list[tuple[_Sequence, int, int]], logits: torch.Tensor, last: list[int],
+                outputs: list) -> None:
+        """Sample the next token of each finished chunk's sequence in one call, then emit them."""
+        rows = np.array([seq.row for seq, _, _ in done], dtype=np.int64)
+        final = logits[torch.tensor(last, device=logits.device)] if len(last) < logits.shape[0] else logits
+        ids = self._table.sample(final, rows)  # [n]
+        self._table.record(rows, ids)
+        want = [i for i, (seq, _, _) in enumerate(done) if seq.request.sampling.logprobs is not None]
         lps: dict[int, Any] = {}
         if want:
-            rows = torch.tensor(want, device=logits.device)
-            ks = [self._running[i].request.sampling.logprobs for i in want]
-            lps = dict(zip(want, token_logprobs(logits[rows], ids[rows], ks), strict=True))
-        batch = list(self._running)  # _emit may reorder self._running (a finished sequence leaves)
-        for seq in batch:  # the step wrote each pending token's KV: count it before any slot moves
-            seq.position += 1
-        for i, (seq, token) in enumerate(zip(batch, ids.tolist(), strict=True)):
+            pick = torch.tensor(want, device=final.device)
+            ks = [done[i][0].request.sampling.logprobs for i in want]
+            lps = dict(zip(want, token_logprobs(final[pick], ids[pick], ks), strict=True))
+        for i, ((seq, offset, count), token) in enumerate(zip(done, ids.tolist(), strict=True)):
             out = RequestOutput(seq.id, num_prompt_tokens=len(seq.request.prompt_ids))
+            if count > 1 or (not seq.prompt_done and seq.request.sampling.prompt_logprobs is not None):
+                prompt = torch.tensor(seq.request.prompt_ids, device=logits.device)
+                k = min(seq.request.sampling.prompt_logprobs, self.vocab_size)
+                out.prompt_logprobs = prompt_logprobs(logits[offset : offset + count], prompt, k)
+            seq.prompt_done = True
             self._emit(seq, token, lps.get(i), out, outputs)
 
     def _emit(self, seq: _Sequence, token: int, logprob: Any, out: RequestOutput, outputs: list) -> None:
@@ -461,32 +537,39 @@ class BatchEngine:
         the generated one (`parse_logprobs`: token_logprobs[ctxlen:-1]).
         """
         seq.generated += 1
+        seq.tokens.append(token)
         out.token_ids, out.num_generated_tokens = [token], seq.generated
         out.logprobs = None if logprob is None else [logprob]
         if not seq.first_token_sent:
             seq.first_token_sent = True
             out.time_to_first_token_s = time.monotonic() - seq.submitted
-        # position + 1 > max_context: the pending token would have no cache position left.
+        # computed + 1 > max_context: the pending token would have no cache position left.
         if token in seq.stop_ids:
             self._leave_batch(seq)
             self._finish(seq, "stop", outputs, out)
-        elif seq.generated >= seq.request.sampling.max_tokens or seq.position >= self.max_context:
+        elif seq.generated >= seq.request.sampling.max_tokens or seq.computed >= self.max_context:
             self._leave_batch(seq)
             self._finish(seq, "length", outputs, out)
         else:
             outputs.append((seq, out))
 
+    def _snapshot(self) -> EngineStats:
+        return EngineStats(
+            queue_depth=self._pending,
+            running=len(self._running),
+            kv_used_tokens=sum(seq.computed for seq in self._running),
+            kv_capacity_tokens=self.runner.num_blocks * self.runner.block_size,
+            max_batch=self.max_batch,
+            max_queue=self.max_queue,
+            kv_blocks_used=self._blocks.num_used,
+            kv_blocks_total=self.runner.num_blocks,
+            kv_block_size=self.runner.block_size,
+            preemptions=self._preemptions,
+        )
+
     def _publish_stats(self) -> None:
-        kv_used = sum(seq.position for seq in self._running)
         with self._lock:
-            self._stats = EngineStats(
-                queue_depth=self._pending,
-                running=len(self._running),
-                kv_used_tokens=kv_used,
-                kv_capacity_tokens=self.runner.num_slots * self.max_context,
-                max_batch=self.max_batch,
-                max_queue=self.max_queue,
-            )
+            self._stats = self._snapshot()
 
     def _fail_all(self, exc: BaseException) -> None:
         """The scheduler crashed: every live request gets the error, new requests are refused."""

@@ -85,6 +85,10 @@ class EngineStats:
     kv_capacity_tokens: int  # the memory budget, in token positions
     max_batch: int
     max_queue: int
+    kv_blocks_used: int = 0  # paged KV cache blocks held by live sequences
+    kv_blocks_total: int = 0  # blocks in the pool
+    kv_block_size: int = 0  # token positions per block
+    preemptions: int = 0  # running sequences sent back to wait for blocks (recomputed later), since start
 
 
 class Engine(Protocol):

@@ -1,76 +1,60 @@
-"""Model executors for the serving engine: prefill one sequence, decode one token for many.
+"""Model executors for the serving engine: one forward over a flat step batch, into a paged KV cache.
 
-Two runners share one interface (`ModelRunner`):
+Runners share one interface (`ModelRunner`): `forward(StepBatch)` runs the tokens of every sequence
+scheduled in an engine step (decodes and prefill chunks together, see `paged.py`) and returns the
+logits the engine samples from. Three implement it:
 
-* `DenseRunner`: a lean forward for Llama-style decoders (RMSNorm, RoPE, SwiGLU, GQA), written
-  with plain torch ops over the loaded Hugging Face module's weights, with a preallocated KV cache
-  `[layers, slots, kv_heads, max_context, head_dim]`. A decode step is a fixed ~25 torch ops per
-  layer whatever the batch size (q/k/v and gate/up fused, RoPE from a table, GQA without repeating
-  K/V), so batch-1 decode is dominated by reading the weights. `torch.compile` of the decode step
-  is optional (meant for accelerators; on CPU it compiles for minutes and is not faster).
-* `HFRunner`: any other transformers causal LM (e.g. DeepSeek-V3 MLA+MoE), one HF cache per
-  sequence. Decode runs one HF forward per active sequence: correct, but slower.
-
-Slots are cache rows. The engine keeps live sequences in slots 0..B-1 (compacting with `move`
-when one leaves), so a decode step reads the cache through views instead of gathering it.
+* `DenseRunner`: a lean forward for Llama-style decoders (RMSNorm, RoPE, SwiGLU, GQA), written with
+  plain torch ops over the loaded Hugging Face module's weights, with a paged KV cache
+  `[layers, blocks * block_size, kv_heads, head_dim]`. Projections and MLPs run once over all N tokens
+  of the step (q/k/v and gate/up fused), so the weights are read once per step; attention is batched
+  over the decodes and per sequence for prefill chunks.
+* `MLARunner` (`mla.py`): DeepSeek-V3 (MLA + MoE) with a compressed latent cache.
+* `HFRunner`: any other transformers causal LM, one HF cache per sequence and one HF forward per
+  sequence and step: correct, but throughput does not grow with the batch.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
-from crosschip.devices import synchronize
 from crosschip.errors import CrosschipError
 from crosschip.generate import cache_kwargs, new_cache
+from crosschip.serve.int8 import Int8Linear, pick_int8_backend
+from crosschip.serve.paged import DEFAULT_BLOCK_SIZE, StepBatch, blocks_for, prefill_mask
+from crosschip.serve.proj import Proj, fuse, pick_layouts, rms_norm
+
+Int8Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (int8 [out, in], scale [out])
+# Rows the int8 backend is timed at when chosen per shape: a mid-size decode batch.
+INT8_PROBE_ROWS = 8
 
 # Architectures whose HF forward is exactly RMSNorm -> RoPE attention (GQA) -> SwiGLU MLP with
 # the same module names as Llama; the structural checks in `fast_path_problem` guard the rest.
 FAST_ARCHS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 # RoPE variants whose frequencies depend on the sequence length seen so far: not a static table.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
-# Compiled decode attends over live lengths rounded up to this bucket: fewer distinct shapes, at the cost of
-# attending over at most this many masked positions.
-LENGTH_BUCKET = 64
 
 
 class ModelRunner(Protocol):
     """What the engine needs from a model executor. Logits are always float32."""
 
-    num_slots: int
-    max_context: int
     vocab_size: int
+    max_context: int
+    block_size: int
+    num_blocks: int
     kv_bytes_per_token: int  # KV cache bytes for one token position of one sequence
 
-    def prefill(self, slot: int, token_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Fill `slot` from position 0 with token_ids [S]; logits [S, V] (or [1, V] if last_only)."""
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Write the batch's K/V into its blocks and return logits [R, V] of batch.logits_rows."""
         ...
 
-    def decode(
-        self,
-        slots: torch.Tensor | None,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        max_len: int | None = None,
-    ) -> torch.Tensor:
-        """One token per sequence: tokens[b] sits at positions[b] in slots[b]. Logits [B, V].
-
-        slots=None means slots 0..B-1 (no gather). `max_len`, when given, must equal
-        max(positions) + 1 (it saves a device sync when the caller knows it).
-        """
-        ...
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Move the first `length` cache positions of slot src to slot dst; src becomes free."""
-        ...
-
-    def release(self, slot: int) -> None:
-        """Forget a slot's cache (the next prefill overwrites it anyway)."""
+    def free(self, key: int) -> None:
+        """Forget per-sequence state held outside the blocks (HF caches); the blocks are the engine's."""
         ...
 
 
@@ -98,171 +82,6 @@ def fast_path_problem(model: torch.nn.Module, max_context: int) -> str | None:
     return None
 
 
-LAYOUTS = ("nt", "nn", "dnn", "split")
-# "split" runs its row-block bmm for at most this many input rows and oneDNN (else F.linear) above: on a
-# 2-core EPYC the bmm is 1.4-1.8x faster than oneDNN at 1-2 rows, even at 4-8 and 1.4x slower at 16.
-SPLIT_MAX_ROWS = 4
-
-
-def _onednn_linear() -> Callable[..., torch.Tensor] | None:
-    """oneDNN's inner product (the op inductor's CPU backend emits), or None in builds without it.
-
-    Unlike BLAS GEMV, which runs a batch-1 projection on one core, it splits one row's projection
-    across all intra-op threads; it takes the ordinary [out, in] weight, so nothing is repacked.
-    """
-    try:
-        return torch.ops.mkldnn._linear_pointwise  # noqa: SLF001 - no public entry point
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _split_parts(out_features: int) -> int:
-    """Row blocks for the "split" layout: one per intra-op thread (at least 2), dividing `out`."""
-    parts = max(2, torch.get_num_threads())
-    while out_features % parts:
-        parts -= 1
-    return parts
-
-
-class _Proj:
-    """y = x @ W^T + b for 2-D x, W stored [out, in] ("nt", "dnn", "split") or [in, out] ("nn").
-
-    CPU libraries run batch-1 GEMV at speeds up to 4x apart depending on the layout, the shape
-    and the kernel (BLAS "nt"/"nn", oneDNN "dnn", batched "split"), so `pick_layouts` chooses per shape.
-    "split" views W as [P, out/P, in] and runs one `bmm`: torch parallelises bmm over its batch, so
-    each thread streams its own block of rows, where BLAS runs a batch-1 GEMV on one core. Measured
-    on a 2-core EPYC: 30-37 GB/s of weights against 9 GB/s ("nt") and 16-25 GB/s ("dnn").
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str) -> None:
-        if layout not in LAYOUTS:
-            raise CrosschipError(
-                f"unknown weight layout {layout!r}", f"use auto or one of {', '.join(LAYOUTS)}"
-            )
-        self.layout = layout
-        self.nn = layout == "nn"
-        self.w = weight.t().contiguous() if self.nn else weight.contiguous()  # [in, out] | [out, in]
-        self.b = bias
-        # "split" runs above SPLIT_MAX_ROWS rows on oneDNN where it can (CPU), else on F.linear
-        use_dnn = layout == "dnn" or (layout == "split" and self.w.device.type == "cpu")
-        self._dnn = _onednn_linear() if use_dnn else None
-        if layout == "dnn" and self._dnn is None:
-            raise CrosschipError("this torch build has no oneDNN linear", "use layout auto, nt, nn or split")
-        self._blocks = None
-        if layout == "split":
-            out_f, in_f = self.w.shape
-            parts = _split_parts(out_f)
-            if parts < 2:
-                raise CrosschipError(f"{out_f} output rows do not split into blocks", "use layout nt")
-            self._blocks = self.w.view(parts, out_f // parts, in_f)  # [P, out/P, in], a view
-
-    def weight_view(self, start: int, stop: int) -> torch.Tensor:
-        """Rows start:stop of the logical [out, in] weight, as a view of the stored tensor."""
-        return self.w[:, start:stop].t() if self.nn else self.w[start:stop]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, in] -> [N, out]."""
-        if self._blocks is not None and x.shape[0] <= SPLIT_MAX_ROWS:
-            parts = self._blocks.shape[0]
-            y = torch.bmm(self._blocks, x.t().unsqueeze(0).expand(parts, -1, -1))  # [P, out/P, N]
-            y = y.view(-1, x.shape[0]).t().contiguous()  # [N, out]; no copy when N == 1
-            return y if self.b is None else y + self.b
-        if self._dnn is not None:
-            return self._dnn(x, self.w, self.b, "none", [], "")
-        if self.nn:
-            return torch.mm(x, self.w) if self.b is None else torch.addmm(self.b, x, self.w)
-        return F.linear(x, self.w, self.b)
-
-
-def _fuse(mods: list[torch.nn.Linear], layouts: dict[tuple[int, int], str]) -> _Proj:
-    """One projection for several linears that read the same input (q/k/v, gate/up).
-
-    The modules' parameters are rebound to views of the fused tensor, so the HF model keeps
-    working (tests compare against it) without a second copy of the weights in memory.
-    """
-    weight = torch.cat([m.weight.detach() for m in mods], dim=0)  # [sum(out), in]
-    bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods], dim=0)
-    proj = _Proj(weight, bias, layouts[tuple(weight.shape)])
-    start = 0
-    for m in mods:
-        stop = start + m.weight.shape[0]
-        m.weight = torch.nn.Parameter(proj.weight_view(start, stop), requires_grad=False)
-        if bias is not None:
-            m.bias = torch.nn.Parameter(bias[start:stop], requires_grad=False)
-        start = stop
-    return proj
-
-
-def _probe_projections(
-    shape: tuple[int, int], layout: str, weight: torch.Tensor, x: torch.Tensor, copies: int
-) -> list[_Proj] | None:
-    """`copies` projections of `weight` in `layout`; None if the kernel is missing, fails or is wrong."""
-    try:
-        projs = [_Proj(weight.clone(), None, layout) for _ in range(copies)]
-        got, want = projs[0](x).float(), F.linear(x, weight).float()
-    except (CrosschipError, RuntimeError, NotImplementedError):
-        return None
-    return projs if torch.allclose(got, want, rtol=1e-2, atol=1e-2 * shape[1] ** 0.5) else None
-
-
-def _layout_times(
-    shape: tuple[int, int], dtype: torch.dtype, device: torch.device, probe_bytes: int, rounds: int = 6
-) -> dict[str, float]:
-    """Best seconds per batch-1 projection in each layout (inf where it cannot run).
-
-    Each layout runs over copies that together exceed the caches (cold weights, as in decode), and
-    the layouts take turns round by round so that a burst of load elsewhere hits them all alike.
-    """
-    out_f, in_f = shape
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    copies = max(2, min(64, probe_bytes // (out_f * in_f * itemsize)))
-    gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(out_f, in_f, generator=gen).to(device=device, dtype=dtype)
-    x = torch.randn(1, in_f, generator=gen).to(device=device, dtype=dtype)
-    candidates = {layout: _probe_projections(shape, layout, weight, x, copies) for layout in LAYOUTS}
-    best = {layout: math.inf for layout in LAYOUTS}
-    for _ in range(rounds):
-        for layout, projs in candidates.items():
-            if projs is None:
-                continue
-            synchronize(device)
-            start = time.perf_counter()
-            for proj in projs:
-                proj(x)
-            synchronize(device)
-            best[layout] = min(best[layout], (time.perf_counter() - start) / copies)
-    return best
-
-
-def pick_layouts(
-    shapes: set[tuple[int, int]], dtype: torch.dtype, device: torch.device, probe_bytes: int = 64 * 2**20
-) -> dict[tuple[int, int], str]:
-    """The fastest weight layout of each [out, in] shape for batch-1 decode, measured on this device.
-
-    HF's own "nt" stays unless another layout is clearly (>10%) faster: timing noise must not move it.
-    """
-    chosen = {}
-    with torch.inference_mode():
-        for shape in sorted(shapes):
-            times = _layout_times(shape, dtype, device, probe_bytes)
-            best = min(times, key=times.__getitem__)
-            chosen[shape] = best if times[best] < 0.9 * times["nt"] else "nt"
-    return chosen
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as HF computes it: in float32, cast back to x's dtype before the weight multiply."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)  # one fused kernel; same op order in fp32
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
-
-
-def _bucket(length: int, cap: int) -> int:
-    return min(cap, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET)
-
-
 def _projection_shapes(model: torch.nn.Module) -> set[tuple[int, int]]:
     """[out, in] of every (fused) projection DenseRunner multiplies by, lm_head included."""
     shapes = set()
@@ -277,15 +96,38 @@ def _projection_shapes(model: torch.nn.Module) -> set[tuple[int, int]]:
     return shapes
 
 
+class _Projections:
+    """Builds each (fused) projection: W8A8 on an int8 kernel where the checkpoint stores it, else float."""
+
+    def __init__(self, layouts: dict[tuple[int, int], str], int8: Int8Weights) -> None:
+        self.layouts, self.int8 = layouts, int8
+        self.backends: dict[tuple[int, int], str] = {}  # per W8A8 shape, measured when first needed
+
+    def __call__(self, mods: list[torch.nn.Linear], names: list[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+        if not names or not all(n in self.int8 for n in names):
+            return fuse(mods, self.layouts)
+        weight = torch.cat([self.int8[n][0] for n in names])  # [sum(out), in]: per-row scales fuse by concatenation
+        scale = torch.cat([self.int8[n][1] for n in names])
+        bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+        device, shape = mods[0].weight.device, tuple(weight.shape)
+        if shape not in self.backends:
+            self.backends[shape] = pick_int8_backend(device, [shape], rows=INT8_PROBE_ROWS)
+        proj = Int8Linear(weight.to(device), scale.to(device), bias, self.backends[shape])
+        for m in mods:  # the dequantized float copy is no longer needed: the int8 kernel holds the weight
+            m.weight = torch.nn.Parameter(torch.empty(0, dtype=m.weight.dtype, device=device), requires_grad=False)
+        return proj
+
+
 class _Layer:
     """One decoder layer's tensors, fused where two matmuls read the same input."""
 
-    def __init__(self, layer: torch.nn.Module, layouts: dict[tuple[int, int], str]) -> None:
+    def __init__(self, layer: torch.nn.Module, project: _Projections, prefix: str) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], layouts)
-        self.o = _fuse([attn.o_proj], layouts)
-        self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj], layouts)
-        self.down = _fuse([mlp.down_proj], layouts)
+        a, m = f"{prefix}.self_attn.", f"{prefix}.mlp."
+        self.qkv = project([attn.q_proj, attn.k_proj, attn.v_proj], [a + "q_proj", a + "k_proj", a + "v_proj"])
+        self.o = project([attn.o_proj], [a + "o_proj"])
+        self.gate_up = project([mlp.gate_proj, mlp.up_proj], [m + "gate_proj", m + "up_proj"])
+        self.down = project([mlp.down_proj], [m + "down_proj"])
         # SiLU (every preset) without the nn.Module call overhead; any other activation via HF's module.
         silu = type(mlp.act_fn).__name__ == "SiLUActivation" or isinstance(mlp.act_fn, torch.nn.SiLU)
         self.act: Callable[[torch.Tensor], torch.Tensor] = F.silu if silu else mlp.act_fn
@@ -295,57 +137,85 @@ class _Layer:
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """x + SwiGLU(norm(x)); x: [N, D]."""
-        gate, up = self.gate_up(_rms_norm(x, self.norm2, self.eps2)).chunk(2, dim=-1)  # [N, I] each
+        gate, up = self.gate_up(rms_norm(x, self.norm2, self.eps2)).chunk(2, dim=-1)  # [N, I] each
         return x + self.down(self.act(gate) * up)
 
 
+class _StepIndex:
+    """What a step's attention reads besides the batch, computed once and shared by all layers."""
+
+    def __init__(self, batch: StepBatch, block_size: int, device: torch.device) -> None:
+        self.prefill: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
+        for b in range(batch.num_decodes, len(batch.keys)):
+            lo, hi, start = batch.query_starts[b], batch.query_starts[b + 1], batch.starts[b]
+            if start == 0:  # the whole context is this chunk: causal attention over its own K/V
+                self.prefill.append((lo, hi, None, None))
+            else:  # a later chunk: attend over the cached context, causally offset by `start`
+                rows = batch.cache_rows(b, device, block_size)  # [T]
+                self.prefill.append((lo, hi, rows, prefill_mask(start, hi - lo, device)))
+
+
 class DenseRunner:
-    """gpt-fast-style executor for Llama-architecture models with a static, preallocated KV cache.
+    """gpt-fast-style executor for Llama-architecture models over a paged KV cache.
 
     layout: "auto" measures the fastest weight layout per projection shape on this device (about a
     second at start-up); "nt" keeps HF's [out, in] with F.linear, "nn" stores [in, out] for torch.mm,
     "dnn" keeps [out, in] with oneDNN's inner product (CPU builds with oneDNN), "split" keeps [out, in]
     and runs small batches as one bmm over per-thread row blocks.
+
+    int8: the raw weights of an int8-w8a8-dynamic checkpoint (`int8.load_int8_weights`); those projections
+    run W8A8 (per-token dynamic int8 activations, int32 accumulation) on the fastest exact int8 kernel of
+    this device (`int8.pick_int8_backend`, chosen per shape), and their float copies are dropped.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        num_slots: int,
+        num_blocks: int,
         max_context: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         compile: bool = False,
         layout: str = "auto",
+        int8: Int8Weights | None = None,
     ) -> None:
         problem = fast_path_problem(model, max_context)
         if problem is not None:
             raise CrosschipError(f"the dense fast path cannot run this model: {problem}", "use HFRunner")
         config, base = model.config, model.model
-        self.num_slots, self.max_context = num_slots, max_context
+        self.num_blocks, self.block_size, self.max_context = num_blocks, block_size, max_context
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = base.layers[0].self_attn.head_dim
         self.scale = float(base.layers[0].self_attn.scaling)
         self.vocab_size = int(config.vocab_size)
         self.embed = base.embed_tokens.weight.detach()
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        layouts = self._layouts(model, layout)
+        layouts = self._layouts(model, layout, compile)
+        project = _Projections(layouts, int8 or {})
         with torch.no_grad():
-            self.layers = [_Layer(layer, layouts) for layer in base.layers]
+            self.layers = [_Layer(layer, project, f"model.layers.{i}") for i, layer in enumerate(base.layers)]
             # A tied lm_head is the embedding table: keep it [V, D] rather than store a transposed copy.
             tied = model.lm_head.weight.data_ptr() == self.embed.data_ptr()
-            self.lm_head = _Proj(self.embed, None, "nt") if tied else _fuse([model.lm_head], layouts)
+            self.lm_head = Proj(self.embed, None, "nt") if tied else project([model.lm_head], ["lm_head"])
+        self.int8_backends = sorted({p.backend for lay in self.layers for p in (lay.qkv, lay.o, lay.gate_up, lay.down)
+                                     if isinstance(p, Int8Linear)})
         self.norm, self.norm_eps = base.norm.weight.detach(), float(base.norm.variance_epsilon)
         self.cos, self.sin_signed = self._rope_tables(base.rotary_emb)
-        shape = (len(self.layers), num_slots, self.n_kv, max_context, self.head_dim)  # [L, slots, Hkv, T, Dh]
+        rows = num_blocks * block_size
+        shape = (len(self.layers), rows, self.n_kv, self.head_dim)  # [L, blocks * block_size, Hkv, Dh]
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_bytes_per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.embed.element_size()
-        self._rows = torch.arange(num_slots, device=self.device)
-        self._positions = torch.arange(max_context, device=self.device)
-        self._compiled = compile
-        self._decode_fn = torch.compile(self._decode_core, dynamic=True) if compile else self._decode_core
+        # compile: the token-parallel parts (norms, projections, RoPE, MLP) as graphs with a dynamic token
+        # count; attention stays eager, since its shapes change with every sequence length.
+        self._qkv_fn = torch.compile(self._qkv, dynamic=True) if compile else self._qkv
+        self._mlp_fns = [torch.compile(lay.mlp, dynamic=True) if compile else lay.mlp for lay in self.layers]
 
-    def _layouts(self, model: torch.nn.Module, layout: str) -> dict[tuple[int, int], str]:
+    def _layouts(self, model: torch.nn.Module, layout: str, compile: bool) -> dict[tuple[int, int], str]:
         shapes = _projection_shapes(model)
+        if compile:  # inductor picks its own GEMM kernels, and cannot lower oneDNN's op on unfrozen weights
+            if layout not in ("auto", "nt"):
+                raise CrosschipError(f"--compile runs the nt layout, not {layout!r}", "use layout auto or nt")
+            return dict.fromkeys(shapes, "nt")
         if layout == "auto":
             return pick_layouts(shapes, self.dtype, self.device)
         return dict.fromkeys(shapes, layout)
@@ -369,155 +239,103 @@ class DenseRunner:
         self, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
         """x [N, D] -> q [N, H, Dh], k [N, Hkv, Dh], v [N, Hkv, Dh], RoPE applied to q and k."""
-        qkv = layer.qkv(_rms_norm(x, layer.norm1, layer.eps1)).view(
+        qkv = layer.qkv(rms_norm(x, layer.norm1, layer.eps1)).view(
             x.shape[0], -1, self.head_dim
         )  # [N, H+2Hkv, Dh]
         qk = qkv[:, : self.n_heads + self.n_kv]
         qk = qk * cos + torch.roll(qk, self.head_dim // 2, dims=-1) * sin  # [N, H+Hkv, Dh]
         return qk[:, : self.n_heads], qk[:, self.n_heads :], qkv[:, self.n_heads + self.n_kv :]
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(_rms_norm(x, self.norm, self.norm_eps)).float()
-
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        ids = token_ids.to(self.device).view(-1)  # [S]
-        seq = ids.shape[0]
-        if not 0 < seq <= self.max_context:
-            raise CrosschipError(f"prefill of {seq} tokens does not fit max_context {self.max_context}")
-        x = F.embedding(ids, self.embed)  # [S, D]
-        cos, sin = self.cos[:seq, None], self.sin_signed[:seq, None]  # [S, 1, Dh]
-        group = self.n_heads // self.n_kv
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        if max(batch.context_lens) > self.max_context:
+            raise CrosschipError(f"a sequence of {max(batch.context_lens)} tokens exceeds max_context "
+                                 f"{self.max_context}")
+        index = _StepIndex(batch, self.block_size, self.device)
+        x = F.embedding(batch.tokens, self.embed)  # [N, D]
+        cos, sin = self.cos[batch.positions, None], self.sin_signed[batch.positions, None]  # [N, 1, Dh]
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)  # [S, H|Hkv, Dh]
-            k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, S, Dh]
-            self.k_cache[i, slot, :, :seq] = k
-            self.v_cache[i, slot, :, :seq] = v
-            keys, values = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)  # [H, S, Dh]
-            attn = F.scaled_dot_product_attention(
-                q.transpose(0, 1), keys, values, is_causal=True, scale=self.scale
-            )
-            x = x + layer.o(attn.transpose(0, 1).reshape(seq, -1))  # [S, D]
-            x = layer.mlp(x)
-        return self._logits(x[-1:] if last_only else x)
+            q, k, v = self._qkv_fn(layer, x, cos, sin)  # [N, H, Dh], [N, Hkv, Dh], [N, Hkv, Dh]
+            self.k_cache[i].index_copy_(0, batch.slot_mapping, k)
+            self.v_cache[i].index_copy_(0, batch.slot_mapping, v)
+            attn = self._attention(batch, index, q, k, v, i)  # [N, H * Dh]
+            x = self._mlp_fns[i](x + layer.o(attn))  # [N, D]
+        x = x.index_select(0, batch.logits_rows)  # [R, D]: the final norm and lm_head only where sampled
+        return self.lm_head(rms_norm(x, self.norm, self.norm_eps)).float()
 
-    @torch.inference_mode()
-    def decode(
-        self,
-        slots: torch.Tensor | None,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        max_len: int | None = None,
+    def _attention(
+        self, batch: StepBatch, index: _StepIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
     ) -> torch.Tensor:
-        if max_len is None:
-            max_len = int(positions.max()) + 1
-        # Compiled: bucketed lengths, always masked (few distinct graphs). Eager: the exact length,
-        # and a lone sequence needs no mask at all (a masked SDPA on CPU runs a parallel region that
-        # costs ~5x more than the unmasked kernel when cores are contended).
-        masked = self._compiled or tokens.shape[0] > 1
-        length = _bucket(max_len, self.max_context) if self._compiled else max_len
-        rows = None if slots is None else slots.to(self.device)
-        return self._decode_fn(rows, tokens.to(self.device), positions.to(self.device), length, masked)
-
-    def _decode_core(
-        self,
-        slots: torch.Tensor | None,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        length: int,
-        masked: bool,
-    ) -> torch.Tensor:
-        batch = tokens.shape[0]
-        rows = self._rows[:batch] if slots is None else slots  # [B]
-        x = F.embedding(tokens, self.embed)  # [B, D]
-        cos, sin = self.cos[positions, None], self.sin_signed[positions, None]  # [B, 1, Dh]
-        # Each sequence sees its own positions 0..pos; the rest of the length is masked out.
-        mask = (
-            (self._positions[None, :length] <= positions[:, None])[:, None, None] if masked else None
-        )  # [B,1,1,L]
-        group = self.n_heads // self.n_kv
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
-            self.k_cache[i, rows, :, positions] = k  # k: [B, Hkv, Dh]
-            self.v_cache[i, rows, :, positions] = v
-            if slots is None:  # live slots are a prefix: attend through views, no copy
-                keys, values = self.k_cache[i, :batch, :, :length], self.v_cache[i, :batch, :, :length]
-            else:
-                keys, values = self.k_cache[i, rows, :, :length], self.v_cache[i, rows, :, :length]
+        """Attention for every token of the step: q [N, H, Dh] -> [N, H * Dh]."""
+        d, group = batch.num_decodes, self.n_heads // self.n_kv
+        kc, vc = self.k_cache[layer], self.v_cache[layer]  # [rows, Hkv, Dh]
+        parts = []
+        if d:
+            rows = batch.decode_rows  # [D, T]
+            width = rows.shape[1]
+            keys = kc.index_select(0, rows.view(-1)).view(d, width, self.n_kv, self.head_dim).transpose(1, 2)
+            values = vc.index_select(0, rows.view(-1)).view(d, width, self.n_kv, self.head_dim).transpose(1, 2)
             # GQA without repeating K/V: the `group` query heads of a KV head act as its queries.
-            q = q.view(batch, self.n_kv, group, self.head_dim)  # [B, Hkv, G, Dh]
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
-            x = x + layer.o(attn.reshape(batch, -1))  # [B, D]
-            x = layer.mlp(x)
-        return self._logits(x)
+            qd = q[:d].view(d, self.n_kv, group, self.head_dim)  # [D, Hkv, G, Dh]
+            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, scale=self.scale)
+            parts.append(out.reshape(d, -1))  # [D, H * Dh]
+        for lo, hi, rows, mask in index.prefill:
+            if rows is None:
+                keys, values = k[lo:hi], v[lo:hi]  # [S, Hkv, Dh]
+            else:
+                keys, values = kc.index_select(0, rows), vc.index_select(0, rows)  # [T, Hkv, Dh]
+            keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, T, Dh]
+            values = values.transpose(0, 1).repeat_interleave(group, dim=0)
+            out = F.scaled_dot_product_attention(
+                q[lo:hi].transpose(0, 1), keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale
+            )  # [H, S, Dh]
+            parts.append(out.transpose(0, 1).reshape(hi - lo, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    @torch.inference_mode()
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.k_cache[:, dst, :, :length] = self.k_cache[:, src, :, :length]
-        self.v_cache[:, dst, :, :length] = self.v_cache[:, src, :, :length]
-
-    def release(self, slot: int) -> None:
-        """Nothing to free: the cache is preallocated and the next prefill overwrites the slot."""
+    def free(self, key: int) -> None:
+        """Nothing to forget: a sequence's K/V lives in its blocks, which the engine returns to the pool."""
 
 
 class HFRunner:
-    """Fallback for any transformers causal LM: one HF cache per slot, one forward per sequence.
+    """Fallback for any transformers causal LM: one HF cache per sequence, one forward per sequence.
 
-    Correct for every architecture transformers supports (MLA, MoE, sliding windows, ...), but a
-    decode step costs B full HF forwards, so throughput does not grow with the batch.
+    Correct for every architecture transformers supports (sliding windows, ...), but a step costs one
+    full HF forward per scheduled sequence, so throughput does not grow with the batch. Blocks are
+    accounted by the engine as for the other runners (capacity planning), though HF owns the tensors.
     """
 
-    def __init__(self, model: torch.nn.Module, num_slots: int, max_context: int) -> None:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, max_context: int,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         self.model = model
-        self.num_slots, self.max_context = num_slots, max_context
+        self.num_blocks, self.block_size, self.max_context = num_blocks, block_size, max_context
         self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device
         self._cache_arg, _ = cache_kwargs(model)
-        self._caches: list[object | None] = [None] * num_slots
+        self._caches: dict[int, object] = {}
         self.kv_bytes_per_token = measure_kv_bytes_per_token(model)
 
-    def _forward(self, ids: torch.Tensor, cache: object, positions: torch.Tensor) -> torch.Tensor:
-        """ids, positions: [1, S] -> float32 logits [S, V]."""
-        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_arg: cache})
-        return out.logits[0].float()
-
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        ids = token_ids.to(self.device).view(1, -1)  # [1, S]
-        if not 0 < ids.shape[1] <= self.max_context:
-            raise CrosschipError(
-                f"prefill of {ids.shape[1]} tokens does not fit max_context {self.max_context}"
-            )
-        cache = new_cache(self.model)
-        positions = torch.arange(ids.shape[1], device=self.device)[None]
-        logits = self._forward(ids, cache, positions)
-        self._caches[slot] = cache
-        return logits[-1:] if last_only else logits
-
-    @torch.inference_mode()
-    def decode(
-        self,
-        slots: torch.Tensor | None,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        max_len: int | None = None,
-    ) -> torch.Tensor:
-        batch = tokens.shape[0]
-        slot_ids = range(batch) if slots is None else slots.tolist()
-        tokens, positions = tokens.to(self.device), positions.to(self.device)
+    def forward(self, batch: StepBatch) -> torch.Tensor:
         rows = []
-        for b, slot in enumerate(slot_ids):
-            cache = self._caches[slot]
+        for b, key in enumerate(batch.keys):
+            lo, hi, start = batch.query_starts[b], batch.query_starts[b + 1], batch.starts[b]
+            if start == 0:
+                self._caches[key] = new_cache(self.model)
+            cache = self._caches.get(key)
             if cache is None:
-                raise CrosschipError(f"decode on slot {slot}, which holds no prefilled sequence")
-            rows.append(self._forward(tokens[b].view(1, 1), cache, positions[b].view(1, 1)))
-        return torch.cat(rows, dim=0)  # [B, V]
+                raise CrosschipError(f"sequence {key} continues at position {start} but holds no cache")
+            ids, positions = batch.tokens[lo:hi][None], batch.positions[lo:hi][None]  # [1, S]
+            out = self.model(input_ids=ids, position_ids=positions, use_cache=True, **{self._cache_arg: cache})
+            logits = out.logits[0].float()  # [S, V]
+            count = batch.logits_counts[b]
+            if count:
+                rows.append(logits[-count:])
+        if not rows:
+            return torch.empty(0, self.vocab_size, device=self.device)
+        return torch.cat(rows, dim=0)  # [R, V]
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        self._caches[dst], self._caches[src] = self._caches[src], None
-
-    def release(self, slot: int) -> None:
-        self._caches[slot] = None
+    def free(self, key: int) -> None:
+        self._caches.pop(key, None)
 
 
 def _cache_nbytes(cache: object) -> int:
@@ -555,21 +373,28 @@ def dense_kv_bytes_per_token(model: torch.nn.Module) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * itemsize
 
 
-def plan_slots(max_batch: int, max_context: int, kv_bytes_per_token: int, budget_bytes: int | None) -> int:
-    """Sequences that fit: min(max_batch, budget // bytes per slot); a slot holds max_context positions."""
+def plan_blocks(
+    max_batch: int, max_context: int, kv_bytes_per_token: int, budget_bytes: int | None, block_size: int
+) -> int:
+    """Cache blocks: what the budget holds, at most max_batch full-context sequences' worth.
+
+    More would never be used (at most max_batch sequences run). At least one full-context sequence must
+    fit, so a request the engine accepts can always finish.
+    """
     if max_batch < 1:
         raise CrosschipError(f"max_batch must be >= 1, got {max_batch}", "pass --max-batch 1 or more")
+    per_sequence = blocks_for(max_context, block_size)
+    cap = max_batch * per_sequence
     if budget_bytes is None:
-        return max_batch
-    per_slot = kv_bytes_per_token * max_context
-    slots = min(max_batch, budget_bytes // per_slot)
-    if slots < 1:
+        return cap
+    blocks = min(cap, budget_bytes // (kv_bytes_per_token * block_size))
+    if blocks < per_sequence:
         raise CrosschipError(
             f"a KV budget of {budget_bytes / 2**20:.1f} MiB holds no sequence of {max_context} tokens "
-            f"({per_slot / 2**20:.1f} MiB each)",
+            f"({kv_bytes_per_token * max_context / 2**20:.1f} MiB each)",
             "raise the KV budget or lower --max-context",
         )
-    return int(slots)
+    return int(blocks)
 
 
 def make_runner(
@@ -580,11 +405,18 @@ def make_runner(
     compile: bool = False,
     generic: bool = False,
     layout: str = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    int8: Int8Weights | None = None,
 ) -> ModelRunner:
-    """The fastest exact runner for `model`: DenseRunner when the architecture allows, else HFRunner."""
+    """The fastest exact runner for `model`: DenseRunner or MLARunner when the architecture allows, else HFRunner."""
+    from crosschip.serve.mla import MLARunner, mla_kv_bytes_per_token, mla_problem
+
     model.eval()
     if not generic and fast_path_problem(model, max_context) is None:
-        slots = plan_slots(max_batch, max_context, dense_kv_bytes_per_token(model), kv_budget_bytes)
-        return DenseRunner(model, slots, max_context, compile=compile, layout=layout)
-    slots = plan_slots(max_batch, max_context, measure_kv_bytes_per_token(model), kv_budget_bytes)
-    return HFRunner(model, slots, max_context)
+        blocks = plan_blocks(max_batch, max_context, dense_kv_bytes_per_token(model), kv_budget_bytes, block_size)
+        return DenseRunner(model, blocks, max_context, block_size, compile=compile, layout=layout, int8=int8)
+    if not generic and mla_problem(model, max_context) is None:
+        blocks = plan_blocks(max_batch, max_context, mla_kv_bytes_per_token(model), kv_budget_bytes, block_size)
+        return MLARunner(model, blocks, block_size, max_context)
+    blocks = plan_blocks(max_batch, max_context, measure_kv_bytes_per_token(model), kv_budget_bytes, block_size)
+    return HFRunner(model, blocks, max_context, block_size)

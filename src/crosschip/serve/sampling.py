@@ -104,104 +104,90 @@ def prompt_logprobs(logits: torch.Tensor, prompt: torch.Tensor, k: int) -> list[
     return [None, *rest]
 
 
-class SlotTable:
-    """Per-slot decode inputs (device) and sampling options (host), kept in step with the KV cache slots.
+class SamplingTable:
+    """Per-sequence sampling options and state (host), one row per running sequence.
 
-    The engine keeps live sequences in slots 0..n-1, so a decode step reads the first n rows.
+    The engine gives each running sequence a row and samples any subset of rows in one call.
     """
 
-    def __init__(self, num_slots: int, device: torch.device) -> None:
+    def __init__(self, num_rows: int, device: torch.device) -> None:
         self.device = device
-        self.tokens = torch.zeros(num_slots, dtype=torch.long, device=device)  # the pending token
-        self.positions = torch.zeros(num_slots, dtype=torch.long, device=device)  # where it goes
-        self.temperature = np.zeros(num_slots, dtype=np.float32)
-        self.top_k = np.zeros(num_slots, dtype=np.int64)
-        self.top_p = np.ones(num_slots, dtype=np.float32)
-        self.seed = np.zeros(num_slots, dtype=np.uint64)
-        self.step = np.zeros(num_slots, dtype=np.uint64)  # tokens sampled so far
-        self.frequency = np.zeros(num_slots, dtype=np.float32)
-        self.presence = np.zeros(num_slots, dtype=np.float32)
-        # [slots, V] counts of each slot's generated tokens, and logit biases; allocated when first used.
+        self.temperature = np.zeros(num_rows, dtype=np.float32)
+        self.top_k = np.zeros(num_rows, dtype=np.int64)
+        self.top_p = np.ones(num_rows, dtype=np.float32)
+        self.seed = np.zeros(num_rows, dtype=np.uint64)
+        self.step = np.zeros(num_rows, dtype=np.uint64)  # tokens sampled so far
+        self.frequency = np.zeros(num_rows, dtype=np.float32)
+        self.presence = np.zeros(num_rows, dtype=np.float32)
+        # [rows, V] counts of each row's generated tokens, and logit biases; allocated when first used.
         self.counts: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
-        self.biased = np.zeros(num_slots, dtype=bool)
+        self.biased = np.zeros(num_rows, dtype=bool)
 
-    def set(self, slot: int, opts: SamplingOptions, seed: int, vocab_size: int) -> None:
-        self.temperature[slot] = opts.temperature
-        self.top_k[slot] = min(opts.top_k, vocab_size)
-        self.top_p[slot] = opts.top_p
-        self.seed[slot] = normalize_seed(seed)
-        self.step[slot] = 0
-        self.frequency[slot], self.presence[slot] = opts.frequency_penalty, opts.presence_penalty
+    def set(self, row: int, opts: SamplingOptions, seed: int, vocab_size: int, generated: list[int]) -> None:
+        """Give `row` to a sequence that has already generated `generated` (non-empty after a preemption)."""
+        self.temperature[row] = opts.temperature
+        self.top_k[row] = min(opts.top_k, vocab_size)
+        self.top_p[row] = opts.top_p
+        self.seed[row] = normalize_seed(seed)
+        self.step[row] = len(generated)
+        self.frequency[row], self.presence[row] = opts.frequency_penalty, opts.presence_penalty
         if self.counts is None and (opts.frequency_penalty or opts.presence_penalty):
             self.counts = torch.zeros(len(self.seed), vocab_size, dtype=torch.float32, device=self.device)
         if self.counts is not None:
-            self.counts[slot] = 0
-        self.biased[slot] = bool(opts.logit_bias)
+            self.counts[row] = torch.bincount(
+                torch.tensor(generated, dtype=torch.long), minlength=vocab_size
+            ).to(self.counts)
+        self.biased[row] = bool(opts.logit_bias)
         if self.bias is None and opts.logit_bias:
             self.bias = torch.zeros(len(self.seed), vocab_size, dtype=torch.float32, device=self.device)
         if self.bias is not None:
-            self.bias[slot] = 0
+            self.bias[row] = 0
             for token, bias in opts.logit_bias:
-                self.bias[slot, token] = bias
+                self.bias[row, token] = bias
 
-    def begin(self, slot: int, token: torch.Tensor, position: int) -> None:
-        """After prefill: the first sampled token is pending at `position` (the prompt length)."""
-        self.tokens[slot] = token.view(())
-        self.positions[slot] = position
-        self.step[slot] = 1
+    def record(self, rows: np.ndarray, ids: torch.Tensor) -> None:
+        """After sampling ids [n] for `rows` [n]: count the tokens (penalties) and advance the seeds' steps."""
+        self.step[rows] += np.uint64(1)
         if self.counts is not None:
-            self.counts[slot, token.view(())] += 1
+            index = torch.from_numpy(rows).to(self.device)
+            self.counts.index_put_((index, ids.to(self.device)), torch.ones(len(rows), device=self.device),
+                                   accumulate=True)
 
-    def advance(self, n: int, ids: torch.Tensor) -> None:
-        """After a decode step over slots 0..n-1 that sampled ids [n]."""
-        self.tokens[:n] = ids
-        self.positions[:n] += 1
-        self.step[:n] += np.uint64(1)
-        if self.counts is not None:
-            self.counts[:n].scatter_add_(1, ids.view(-1, 1), torch.ones(n, 1, device=self.device))
-
-    def move(self, src: int, dst: int) -> None:
-        for arr in (self.temperature, self.top_k, self.top_p, self.seed, self.step, self.frequency, self.presence,
-                    self.biased):
-            arr[dst] = arr[src]
-        for table in (self.counts, self.bias):
-            if table is not None:
-                table[dst] = table[src]
-        self.tokens[dst] = self.tokens[src]
-        self.positions[dst] = self.positions[src]
-
-    def penalize(self, logits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def penalize(self, logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """Logits plus each row's logit_bias, less its frequency x count and presence x (count > 0) of its
         generated tokens.
 
         OpenAI's definitions, applied as vLLM does (`apply_penalties`, model_executor/layers/utils.py; logit bias
         in the v1 sampler): to the logits every sampler and greedy pick then sees; returned logprobs stay those
         of the raw logits."""
-        frequency, presence = self.frequency[start:stop], self.presence[start:stop]
-        if self.bias is not None and self.biased[start:stop].any():
-            logits = logits.float() + self.bias[start:stop]
+        frequency, presence = self.frequency[rows], self.presence[rows]
+        index = None
+        if self.bias is not None and self.biased[rows].any():
+            index = torch.from_numpy(rows).to(self.device)
+            logits = logits.float() + self.bias[index]
         if self.counts is None or not (frequency.any() or presence.any()):
             return logits
-        counts = self.counts[start:stop]
+        counts = self.counts[torch.from_numpy(rows).to(self.device) if index is None else index]
         f = torch.from_numpy(frequency).to(logits.device)[:, None]
         p = torch.from_numpy(presence).to(logits.device)[:, None]
         return logits.float() - f * counts - p * (counts > 0).float()
 
-    def sample(self, logits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Next ids for the sequences in slots start..stop-1 from their logits [stop-start, V]."""
-        logits = self.penalize(logits, start, stop)
-        temperature = self.temperature[start:stop]
+    def sample(self, logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Next ids [n] for the sequences in `rows` [n] (int64) from their logits [n, V]."""
+        logits = self.penalize(logits, rows)
+        temperature = self.temperature[rows]
         if not temperature.any():
             return torch.argmax(logits, dim=-1)  # all greedy: no filters, no randomness
         device = logits.device
-        u = uniforms(self.seed[start:stop], self.step[start:stop])
+        top_k, top_p = self.top_k[rows], self.top_p[rows]
+        u = uniforms(self.seed[rows], self.step[rows])
         return sample_rows(
             logits,
             torch.from_numpy(temperature).to(device),
-            torch.from_numpy(self.top_k[start:stop]).to(device),
-            torch.from_numpy(self.top_p[start:stop]).to(device),
+            torch.from_numpy(top_k).to(device),
+            torch.from_numpy(top_p).to(device),
             torch.from_numpy(u).to(device),
-            max_k=int(self.top_k[start:stop].max()),
-            any_top_p=bool((self.top_p[start:stop] < 1.0).any()),
+            max_k=int(top_k.max()),
+            any_top_p=bool((top_p < 1.0).any()),
         )

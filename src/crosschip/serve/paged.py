@@ -1,0 +1,176 @@
+"""The paged KV cache's bookkeeping and the flat token batch one engine step runs.
+
+Blocks: the KV cache of every layer is one pool of fixed-size blocks (`block_size` token positions
+each). A sequence owns a block table, the list of its blocks in position order, grown on demand as
+its tokens are computed and returned to the pool when it finishes, is aborted or is preempted. So
+capacity follows the tokens actually held, not `max_context` per sequence (vLLM's PagedAttention
+design; the runners keep the tensors, this module only the block ids).
+
+A step (`StepBatch`) is vLLM V1's flat batch: the tokens of every scheduled sequence concatenated,
+single-token chunks (decodes) first, then prefill chunks. A runner runs the projections and MLPs
+over all N tokens at once, so the weights are read once per step whatever mixes of prompts and
+decodes share it; only attention is per sequence. Everything a runner needs to index the cache is
+built here once per step, on the host, and shared by all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crosschip.errors import CrosschipError
+
+DEFAULT_BLOCK_SIZE = 16  # vLLM's default on GPUs and CPUs
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks that hold `tokens` positions."""
+    return -(-tokens // block_size)
+
+
+class BlockAllocator:
+    """A free list of cache blocks; block tables are plain lists owned by the sequences."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise CrosschipError(f"a KV cache needs >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest ids go out first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def missing(self, table: list[int], tokens: int) -> int:
+        """Blocks `table` still needs to hold `tokens` positions."""
+        return max(0, blocks_for(tokens, self.block_size) - len(table))
+
+    def grow(self, table: list[int], tokens: int) -> bool:
+        """Extend `table` to hold `tokens` positions; False (and no change) when the pool is short."""
+        need = self.missing(table, tokens)
+        if need > len(self._free):
+            return False
+        table.extend(self._free.pop() for _ in range(need))
+        return True
+
+    def release(self, table: list[int]) -> None:
+        """Return every block of `table` to the pool and empty it."""
+        self._free.extend(reversed(table))
+        table.clear()
+
+
+@dataclass
+class Chunk:
+    """One sequence's share of a step: `tokens` go at positions start..start+len-1 of its cache."""
+
+    key: int  # the engine's id for the sequence (HF-cache runners keep per-sequence state under it)
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+    logits: str  # "none" (a prefill chunk before the last), "last", or "all" (prompt logprobs)
+
+
+@dataclass
+class StepBatch:
+    """A flat batch of N tokens from B sequences; sequences 0..num_decodes-1 have one token each.
+
+    Tensors live on the runner's device; lists are host-side copies, so no runner needs a device sync.
+    """
+
+    keys: list[int]  # [B]
+    tokens: torch.Tensor  # [N] long
+    positions: torch.Tensor  # [N] long
+    slot_mapping: torch.Tensor  # [N] long: cache row (block * block_size + offset) each token's K/V goes to
+    query_starts: list[int]  # [B + 1]: sequence b's tokens are tokens[query_starts[b]:query_starts[b + 1]]
+    starts: list[int]  # [B]: the position of each sequence's first token in this step
+    context_lens: list[int]  # [B]: cached positions of each sequence once this step has written its K/V
+    block_tables: list[list[int]]  # [B][blocks]
+    num_decodes: int
+    # Decode attention for sequences 0..D-1: the cache rows of their contexts, padded to T, and a mask
+    # (None when one sequence needs no padding). T is the longest decode context, so padding is masked.
+    decode_rows: torch.Tensor | None  # [D, T] long
+    decode_mask: torch.Tensor | None  # [D, 1, 1, T] bool
+    logits_rows: torch.Tensor  # [R] long: the token rows whose logits the step returns, in chunk order
+    logits_counts: list[int]  # [B]: how many of those rows belong to each sequence (0, 1 or its length)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def cache_rows(self, b: int, device: torch.device, block_size: int) -> torch.Tensor:
+        """Cache rows of sequence b's positions 0..context_lens[b]-1: [T_b] long."""
+        return context_rows(self.block_tables[b], self.context_lens[b], block_size, device)
+
+
+def context_rows(table: list[int], length: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """The cache rows of positions 0..length-1 of the sequence whose block table is `table`: [length]."""
+    blocks = torch.tensor(table[: blocks_for(length, block_size)], dtype=torch.long)
+    rows = (blocks[:, None] * block_size + torch.arange(block_size)).view(-1)[:length]
+    return rows.to(device)
+
+
+def build_step(chunks: list[Chunk], block_size: int, device: torch.device) -> StepBatch:
+    """The StepBatch for `chunks`, which must list every single-token chunk before any longer one."""
+    num_decodes = 0
+    while num_decodes < len(chunks) and len(chunks[num_decodes].tokens) == 1:
+        num_decodes += 1
+    if any(len(c.tokens) == 1 for c in chunks[num_decodes:]) or any(not c.tokens for c in chunks):
+        raise CrosschipError("a step batch lists its single-token chunks first and has no empty chunk")
+    tokens, positions, slots, starts, logits_rows, counts = [], [], [], [0], [], []
+    for c in chunks:
+        n, first = len(c.tokens), len(tokens)
+        if blocks_for(c.start + n, block_size) > len(c.block_table):
+            raise CrosschipError(f"sequence {c.key}: its block table does not cover position {c.start + n - 1}")
+        tokens.extend(c.tokens)
+        pos = range(c.start, c.start + n)
+        positions.extend(pos)
+        slots.extend(c.block_table[p // block_size] * block_size + p % block_size for p in pos)
+        starts.append(len(tokens))
+        rows = {"none": [], "last": [first + n - 1], "all": list(range(first, first + n))}[c.logits]
+        logits_rows.extend(rows)
+        counts.append(len(rows))
+    context_lens = [c.start + len(c.tokens) for c in chunks]
+    decode_rows = decode_mask = None
+    if num_decodes:
+        width = max(context_lens[:num_decodes])  # T
+        nblocks = blocks_for(width, block_size)
+        table = torch.zeros(num_decodes, nblocks, dtype=torch.long)  # padding reads block 0, masked out
+        for b, c in enumerate(chunks[:num_decodes]):
+            used = c.block_table[: blocks_for(context_lens[b], block_size)]
+            table[b, : len(used)] = torch.tensor(used, dtype=torch.long)
+        rows = (table[:, :, None] * block_size + torch.arange(block_size)).view(num_decodes, -1)  # [D, blocks * bs]
+        decode_rows = rows[:, :width].contiguous()
+        if num_decodes > 1:
+            lens = torch.tensor(context_lens[:num_decodes])
+            decode_mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None].to(device)
+        decode_rows = decode_rows.to(device)
+
+    def long(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(device)
+
+    return StepBatch(
+        keys=[c.key for c in chunks],
+        tokens=long(tokens),
+        positions=long(positions),
+        slot_mapping=long(slots),
+        query_starts=starts,
+        starts=[c.start for c in chunks],
+        context_lens=context_lens,
+        block_tables=[c.block_table for c in chunks],
+        num_decodes=num_decodes,
+        decode_rows=decode_rows,
+        decode_mask=decode_mask,
+        logits_rows=long(logits_rows),
+        logits_counts=counts,
+    )
+
+
+def prefill_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """Causal mask of a chunk at positions start..start+length-1 over context 0..start+length-1: [S, T]."""
+    keys = torch.arange(start + length, device=device)
+    return keys[None, :] <= (start + torch.arange(length, device=device))[:, None]
