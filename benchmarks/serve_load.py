@@ -128,6 +128,26 @@ def run_load(url: str, model: str, prompts: list[list[int]], max_tokens: int, co
     return summarize(mode, records, wall)
 
 
+STEP_COUNTERS = ("engine_steps_total", "engine_schedule_seconds_total", "engine_forward_seconds_total",
+                 "engine_sample_seconds_total")
+
+
+def step_counters(url: str) -> dict[str, float]:
+    """crosschip serve's cumulative step timings from /metrics (url ends in /v1)."""
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(values.get(f"crosschip_{name}", 0.0)) for name in STEP_COUNTERS}
+
+
+def step_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean ms per engine step in each phase between two scrapes, and the host share (schedule + sample)."""
+    d = {k: after[k] - before[k] for k in STEP_COUNTERS}
+    steps = max(d["engine_steps_total"], 1.0)
+    ms = {p: 1e3 * d[f"engine_{p}_seconds_total"] / steps for p in ("schedule", "forward", "sample")}
+    return {"steps": d["engine_steps_total"], **{f"{p}_ms": v for p, v in ms.items()},
+            "host_share": (ms["schedule"] + ms["sample"]) / max(sum(ms.values()), 1e-12)}
+
+
 def warm_up(url: str, model: str, prompts: list[list[int]], max_tokens: int, concurrency: int) -> None:
     """`concurrency` requests at once first (the widest batch of the cell), so no timed run pays one-off costs."""
     run_load(url, model, prompts[:concurrency], min(max_tokens, 16), concurrency, "warm-up")

@@ -49,7 +49,18 @@ from crosschip.models import PRESETS, build_model, count_parameters, get_preset
 from crosschip.perf import measure_memory_bandwidth
 from crosschip.serve.paged import BlockAllocator, Chunk, build_step
 from crosschip.serve.runner import make_runner
-from serve_load import ROOT, LoadError, crosschip_server, run_load, summarize, vllm_reason, vllm_server, warm_up
+from serve_load import (
+    ROOT,
+    LoadError,
+    crosschip_server,
+    run_load,
+    step_counters,
+    step_split,
+    summarize,
+    vllm_reason,
+    vllm_server,
+    warm_up,
+)
 
 CORPUS_BYTES = 1_000_000
 VOCAB_SIZE = 8192  # puts `base` above 30M parameters (embedding + untied lm_head)
@@ -150,8 +161,11 @@ def run_checkpoint(args: argparse.Namespace, ckpt: Path, preset: str, fmt: str, 
                     warm_up(server.url, server.model, prompts, args.max_tokens, max(concs))
                     for c in concs:
                         n = requests_for(args, c)
+                        before = step_counters(server.url) if engine == "crosschip" else None
                         r = run_load(server.url, server.model, prompts[:n], args.max_tokens, c,
                                      f"{ENGINES[engine]}, {c} concurrent")
+                        if before is not None:
+                            r["engine_steps"] = step_split(before, step_counters(server.url))
                         log(f"  {c} concurrent: {r['output_tok_s']:.1f} output tok/s")
                         runs[engine][c].append(r)
             except LoadError as e:
@@ -327,6 +341,11 @@ def print_serving(result: dict[str, Any]) -> None:
             rounds = "; ".join(f"{ENGINES[e]} {' '.join(f'{x:.0f}' for x in v) or '-'}"
                                for e, v in c["rounds_tok_s"].items())
             print(f"    @{c['concurrency']}: {rounds}")
+            split = (c["crosschip"] or {}).get("engine_steps")
+            if split:
+                print(f"      crosschip per step (fastest round): schedule + build {split['schedule_ms']:.2f} ms, "
+                      f"forward {split['forward_ms']:.2f} ms, sample + emit {split['sample_ms']:.2f} ms; "
+                      f"host share {split['host_share']:.1%} over {split['steps']:.0f} steps")
         x = ck["engines"].get("crosschip")
         if x:
             print(f"    crosschip: --dtype {ck['serve_dtype']}; {x['loaded']}; ready in "

@@ -186,6 +186,7 @@ class BatchEngine:
         self._running: list[_Sequence] = []  # in admission order
         self._next_deadline = math.inf
         self._preemptions = 0
+        self._times = [0, 0.0, 0.0, 0.0]  # steps, schedule + build, forward, sample + emit (seconds)
         self._stats = self._snapshot()
 
     @classmethod
@@ -338,9 +339,10 @@ class BatchEngine:
             self._publish_stats()
             self._deliver(outputs)
             return False
+        start = time.perf_counter()
         plan = self._schedule()
         if plan:
-            self._step(plan, outputs)
+            self._step(plan, outputs, start)
         self._publish_stats()  # before delivery: a consumer that sees an output sees stats at least as new
         self._deliver(outputs)
         if not self._running and not outputs:
@@ -477,8 +479,11 @@ class BatchEngine:
             return left
         return min(left, budget)
 
-    def _step(self, plan: list[tuple[_Sequence, int]], outputs: list) -> None:
-        """Run one step's forward, then sample every sequence that computed all its tokens."""
+    def _step(self, plan: list[tuple[_Sequence, int]], outputs: list, start: float | None = None) -> None:
+        """Run one step's forward, then sample every sequence that computed all its tokens.
+
+        `start`: when scheduling began, for the step timings (`EngineStats.schedule_s` ...).
+        """
         chunks = []
         for seq, n in plan:
             end = seq.computed + n
@@ -488,7 +493,9 @@ class BatchEngine:
             chunks.append(Chunk(seq.key, seq.tokens[seq.computed:end], seq.computed, seq.blocks, mode))
         try:
             batch = build_step(chunks, self.runner.block_size, self.device)
+            built = time.perf_counter()
             logits = self.runner.forward(batch)  # [R, V]
+            forwarded = time.perf_counter()
         except RuntimeError as exc:  # e.g. out of device memory: fail the requests that cause it, keep serving
             if len(plan) > 1:  # find them: each alone (rewriting the same cache positions is harmless)
                 for item in plan:
@@ -506,6 +513,11 @@ class BatchEngine:
             offset += count
         if done:
             self._sample(done, logits, last, outputs)
+        if start is not None:
+            self._times[0] += 1
+            self._times[1] += built - start
+            self._times[2] += forwarded - built
+            self._times[3] += time.perf_counter() - forwarded
 
     def _sample(self, done: list[tuple[_Sequence, int, int]], logits: torch.Tensor, last: list[int],
                 outputs: list) -> None:
@@ -565,6 +577,10 @@ class BatchEngine:
             kv_blocks_total=self.runner.num_blocks,
             kv_block_size=self.runner.block_size,
             preemptions=self._preemptions,
+            steps=int(self._times[0]),
+            schedule_s=self._times[1],
+            forward_s=self._times[2],
+            sample_s=self._times[3],
         )
 
     def _publish_stats(self) -> None:

@@ -89,6 +89,12 @@ class EngineStats:
     kv_blocks_total: int = 0  # blocks in the pool
     kv_block_size: int = 0  # token positions per block
     preemptions: int = 0  # running sequences sent back to wait for blocks (recomputed later), since start
+    # Where the scheduler thread's time goes, since start: steps, then seconds scheduling + building batches,
+    # in the model forward, and sampling + emitting (the per-step host overhead is schedule_s + sample_s).
+    steps: int = 0
+    schedule_s: float = 0.0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
 
 
 class Engine(Protocol):

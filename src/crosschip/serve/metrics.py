@@ -94,6 +94,12 @@ class Gauge(_Metric):
         return [f"{self.name} {_number(self._read())}"]
 
 
+class ReadCounter(Gauge):
+    """A monotonic total read at scrape time (e.g. seconds the engine spent in one phase since start)."""
+
+    kind = "counter"
+
+
 class Histogram(_Metric):
     """Cumulative buckets + sum + count, without labels."""
 
@@ -167,6 +173,16 @@ class ServerMetrics:
                 lambda: self._snap().kv_blocks_used,
             ),
             Gauge("kv_cache_total_blocks", "Blocks in the paged KV cache.", lambda: self._snap().kv_blocks_total),
+            ReadCounter("engine_steps_total", "Engine steps (one forward each) since start.",
+                        lambda: self._snap().steps),
+            ReadCounter("engine_schedule_seconds_total",
+                        "Host time scheduling steps and building their batches (before each forward).",
+                        lambda: self._snap().schedule_s),
+            ReadCounter("engine_forward_seconds_total", "Time in the model forward of each step.",
+                        lambda: self._snap().forward_s),
+            ReadCounter("engine_sample_seconds_total",
+                        "Time sampling each step's tokens and handing them to their requests (one host sync).",
+                        lambda: self._snap().sample_s),
             Gauge("num_preemptions", "Sequences preempted for KV blocks since start (recomputed later).",
                   lambda: self._snap().preemptions),
             Gauge("kv_cache_block_size", "Token positions per KV cache block.", lambda: self._snap().kv_block_size),
