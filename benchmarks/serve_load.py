@@ -173,8 +173,13 @@ def _drain(stream: Any, lines: list[str]) -> None:
 
 @contextmanager
 def crosschip_server(ckpt: Path, max_batch: int, dtype: str | None) -> Iterator[Server]:
-    """`python -m crosschip.serve.api CKPT --port 0 --max-batch N [--dtype D]`; stopped on exit, always."""
-    cmd = [sys.executable, "-m", "crosschip.serve.api", str(ckpt), "--port", "0", "--max-batch", str(max_batch)]
+    """`python -m crosschip.serve.api CKPT --port 0 --max-batch N --no-prefix-caching [--dtype D]`; stopped on exit.
+
+    Prefix caching is off, as it is for the vLLM peer: the warm-up sends the measured prompts, so a prefix cache
+    would skip their prefill in the measured run.
+    """
+    cmd = [sys.executable, "-m", "crosschip.serve.api", str(ckpt), "--port", "0", "--max-batch", str(max_batch),
+           "--no-prefix-caching"]
     cmd += ["--dtype", dtype] if dtype else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.monotonic()

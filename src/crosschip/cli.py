@@ -256,13 +256,15 @@ def serve(
     max_num_batched_tokens: Annotated[int | None, typer.Option(
         help="Tokens one step may run: decodes first, then prompt chunks (default 512).")] = None,
     block_size: Annotated[int | None, typer.Option(help="Token positions per KV cache block (default 16).")] = None,
+    prefix_caching: Annotated[bool, typer.Option(
+        help="Share the KV blocks of a common prompt prefix between requests.")] = True,
 ) -> None:
     """Serve a checkpoint behind an OpenAI-compatible API with continuous batching."""
     from crosschip.serve.api import run_server
 
     run_server(ckpt, device=device, dtype=dtype, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                max_context=max_context, api_key=api_key, request_timeout_s=request_timeout, compile=compile_model,
-               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size)
+               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, prefix_caching=prefix_caching)
 
 
 @app.command()

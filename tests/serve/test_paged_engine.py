@@ -200,3 +200,68 @@ def test_step_timings_count_every_forward() -> None:
     stats = engine.stats()
     assert stats.steps == len(forwards) and sum(forwards) == 3 * 12 + 3 * 4  # prompts + every sampled-then-fed token
     assert stats.schedule_s > 0 and stats.forward_s > 0 and stats.sample_s > 0
+
+
+def test_block_allocator_shares_registered_prefix_blocks_and_evicts_lru() -> None:
+    alloc = BlockAllocator(num_blocks=4, block_size=2)
+    tokens = [5, 6, 7, 8, 9]
+    table: list[int] = []
+    assert alloc.grow(table, 5) and len(table) == 3
+    alloc.register(table, 0, tokens)
+    alloc.register(table, 1, tokens)
+    shared = alloc.match([5, 6, 7, 8, 1, 1], limit=3)
+    assert shared == table[:2] and alloc.num_free == 1  # two blocks referenced twice, one still free
+    partial = alloc.match([5, 6, 0, 0], limit=2)
+    assert partial == table[:1]  # the chain stops at the first differing block
+    assert alloc.match([6, 6, 7, 8], limit=2) == []
+    for held in (table, shared, partial):
+        alloc.release(held)
+    assert alloc.num_free == 4 and alloc.num_used == 0  # cached but unreferenced blocks count as free
+    taken: list[int] = []
+    assert alloc.grow(taken, 8)  # needs every block: the cached ones are evicted
+    assert alloc.match(tokens, limit=2) == []  # evicted: no stale match
+
+
+def test_a_shared_prompt_prefix_is_computed_once_and_outputs_are_unchanged() -> None:
+    """Four requests share a 40-token prefix (2.5 blocks of 16): the later ones reuse the first's two full blocks.
+    Their outputs equal the same requests served with prefix caching off."""
+    prefix = prompt(60, 40)
+    reqs = [request(f"x{i}", prefix + prompt(70 + i, 5), max_tokens=6, logprobs=1) for i in range(4)]
+
+    def serve(caching: bool) -> tuple[list, Any]:
+        engine = make_engine(max_batch=4, block_size=16, prefix_caching=caching)
+        forwards: list[int] = []
+        real = engine.runner.forward
+        engine.runner.forward = lambda batch: forwards.append(batch.num_tokens) or real(batch)
+
+        async def main() -> list:
+            first = await collect(engine, reqs[0])
+            rest = await asyncio.gather(*(collect(engine, r) for r in reqs[1:]))
+            await wait_idle(engine)
+            return [first, *rest]
+
+        return run(engine, main), (engine.stats(), sum(forwards))
+
+    cached, (stats, computed) = serve(True)
+    plain, (plain_stats, plain_computed) = serve(False)
+    for a, b in zip(cached, plain, strict=True):
+        assert tokens(a) == tokens(b)
+        np.testing.assert_allclose(lps(a), lps(b), atol=ATOL, rtol=0)
+    assert stats.prefix_hits == 3 * 32 and stats.prefix_queries == 4 * 45  # 3 requests x 2 full blocks
+    assert computed == plain_computed - 3 * 32 and plain_stats.prefix_hits == 0
+    assert stats.kv_blocks_used == 0
+
+
+def test_prompt_logprobs_requests_compute_their_whole_prompt() -> None:
+    engine = make_engine(max_batch=2, block_size=4)
+    ids = prompt(80, 20)
+
+    async def main() -> tuple[list, list]:
+        first = await collect(engine, request("a", ids, max_tokens=2))
+        echo = await collect(engine, request("b", ids, max_tokens=2, prompt_logprobs=1))
+        return first, echo
+
+    first, echo = run(engine, main)
+    assert engine.stats().prefix_hits == 0  # the second one needs logits at every prompt position
+    assert echo[0].prompt_logprobs is not None and len(echo[0].prompt_logprobs) == 20
+    assert tokens(first) == tokens(echo)

@@ -429,6 +429,7 @@ def run_server(
     log_level: str = "warning",
     max_num_batched_tokens: int | None = None,
     block_size: int | None = None,
+    prefix_caching: bool = True,
 ) -> None:
     """`crosschip serve`: load the checkpoint into a BatchEngine and serve it (blocks until shutdown).
 
@@ -437,7 +438,8 @@ def run_server(
     """
     sock = _bind(host, port)  # fail fast on a busy port, before loading the model
     limits = {"max_batch": max_batch, "max_queue": max_queue, "max_context": max_context,
-              "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size}
+              "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size,
+              "prefix_caching": prefix_caching}
     try:
         engine, tokenizer = _load(Path(ckpt), device, dtype, limits, compile)
     except BaseException:
@@ -451,7 +453,7 @@ def _load(
     ckpt: Path,
     device: str,
     dtype: str | None,
-    limits: dict[str, int | None],
+    limits: dict[str, int | bool | None],
     compile: bool,
 ) -> tuple[Engine, Any]:
     """The BatchEngine and the checkpoint's tokenizer; bad settings become CrosschipErrors."""
@@ -548,6 +550,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
     return p
 
 
@@ -569,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             a.log_level,
             a.max_num_batched_tokens,
             a.block_size,
+            a.prefix_caching,
         )
     except CrosschipError as e:
         print(f"error: {e}", file=sys.stderr)

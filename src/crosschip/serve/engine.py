@@ -78,6 +78,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + generated; the last may not be computed yet
     computed: int = 0  # tokens whose K/V is in the cache
     blocks: list[int] = field(default_factory=list)  # block table
+    registered: int = 0  # full blocks offered to the prefix cache
     row: int = -1  # sampling table row while running
     key: int = field(default_factory=lambda: next(_KEYS))
     generated: int = 0  # tokens returned so far
@@ -145,6 +146,7 @@ class BatchEngine:
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         block_size: int = DEFAULT_BLOCK_SIZE,
         int8: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -167,6 +169,8 @@ class BatchEngine:
         self._blocks = BlockAllocator(self.runner.num_blocks, self.runner.block_size)
         # Admission keeps this many blocks free for running sequences to grow into (vLLM's watermark).
         self._watermark = self.runner.num_blocks // 100
+        # Prefix caching needs a runner that reads K/V from the shared blocks (not one that keeps its own caches).
+        self.prefix_caching = prefix_caching and getattr(self.runner, "shares_blocks", False)
         self._table = SamplingTable(max_batch, self.device)
         self._rows = list(range(max_batch - 1, -1, -1))  # free sampling-table rows
         self._rng = random.Random()
@@ -186,6 +190,7 @@ class BatchEngine:
         self._running: list[_Sequence] = []  # in admission order
         self._next_deadline = math.inf
         self._preemptions = 0
+        self._prefix = [0, 0]  # prompt tokens looked up in the prefix cache, and found there
         self._times = [0, 0.0, 0.0, 0.0]  # steps, schedule + build, forward, sample + emit (seconds)
         self._stats = self._snapshot()
 
@@ -415,7 +420,7 @@ class BatchEngine:
         if seq.row >= 0:
             self._rows.append(seq.row)
             seq.row = -1
-        seq.computed = 0
+        seq.computed = seq.registered = 0
 
     def _leave_batch(self, seq: _Sequence) -> None:
         """Take a running sequence out of the batch and free its blocks."""
@@ -452,10 +457,15 @@ class BatchEngine:
                 budget -= n
         while self._waiting and budget > 0 and len(self._running) < self.max_batch:
             seq = self._waiting[0]
+            cached = self._reuse_prefix(seq)
             n = self._chunk(seq, budget)
             reserve = self._watermark if self._running else 0
             if self._blocks.missing(seq.blocks, seq.computed + n) + reserve > self._blocks.num_free:
+                if cached:  # give the shared blocks back: the sequence waits whole
+                    self._release(seq)
                 break
+            self._prefix[0] += len(seq.tokens)
+            self._prefix[1] += cached
             self._waiting.popleft()
             self._blocks.grow(seq.blocks, seq.computed + n)
             seq.row = self._rows.pop()
@@ -468,6 +478,20 @@ class BatchEngine:
             plan[seq] = n
             budget -= n
         return sorted(plan.items(), key=lambda item: item[1] > 1)  # single-token chunks first
+
+    def _reuse_prefix(self, seq: _Sequence) -> int:
+        """Share the cached blocks that hold seq's leading full blocks; returns the tokens so skipped.
+
+        The block holding the last token is always computed (its logits are needed), and a prompt whose
+        logprobs are asked for is computed whole.
+        """
+        opts = seq.request.sampling
+        if not self.prefix_caching or seq.computed or (opts.prompt_logprobs is not None and not seq.prompt_done):
+            return 0
+        seq.blocks = self._blocks.match(seq.tokens, (len(seq.tokens) - 1) // self.runner.block_size)
+        seq.registered = len(seq.blocks)
+        seq.computed = seq.registered * self.runner.block_size
+        return seq.computed
 
     def _chunk(self, seq: _Sequence, budget: int) -> int:
         """Tokens of seq to run now: all that are left, or what the budget allows (a prompt chunk).
@@ -507,6 +531,9 @@ class BatchEngine:
         done, last, offset = [], [], 0
         for (seq, n), count in zip(plan, batch.logits_counts, strict=True):
             seq.computed += n
+            while self.prefix_caching and seq.registered < seq.computed // self.runner.block_size:
+                self._blocks.register(seq.blocks, seq.registered, seq.tokens)
+                seq.registered += 1
             if count:
                 done.append((seq, offset, count))
                 last.append(offset + count - 1)
@@ -577,6 +604,8 @@ class BatchEngine:
             kv_blocks_total=self.runner.num_blocks,
             kv_block_size=self.runner.block_size,
             preemptions=self._preemptions,
+            prefix_queries=self._prefix[0],
+            prefix_hits=self._prefix[1],
             steps=int(self._times[0]),
             schedule_s=self._times[1],
             forward_s=self._times[2],

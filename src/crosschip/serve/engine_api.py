@@ -89,6 +89,8 @@ class EngineStats:
     kv_blocks_total: int = 0  # blocks in the pool
     kv_block_size: int = 0  # token positions per block
     preemptions: int = 0  # running sequences sent back to wait for blocks (recomputed later), since start
+    prefix_queries: int = 0  # prompt tokens of admitted sequences looked up in the prefix cache, since start
+    prefix_hits: int = 0  # ... of which found there (their K/V shared, not computed)
     # Where the scheduler thread's time goes, since start: steps, then seconds scheduling + building batches,
     # in the model forward, and sampling + emitting (the per-step host overhead is schedule_s + sample_s).
     steps: int = 0

@@ -258,7 +258,10 @@ class MLARunner:
 
     The engine calls `forward` once per step with a flat `StepBatch`; projections, norms and the MoE
     run over all its tokens at once, attention per sequence (decodes batched) over the latent cache.
+    Attention reads the cache only through the block tables, so sequences may share blocks (prefix caching).
     """
+
+    shares_blocks = True
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, max_context: int) -> None:
         problem = mla_problem(model, max_context)

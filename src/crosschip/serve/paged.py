@@ -15,6 +15,7 @@ built here once per step, on the host, and shared by all layers.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -29,22 +30,39 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+# A full block's identity for prefix caching: (the previous block's (id, generation) or None, its tokens). Keying
+# on the physical parent block (not a hash of the tokens before it) makes a match exact, never a hash collision;
+# the generation, bumped whenever a block is handed out anew, keeps a key from outliving its parent's content.
+BlockKey = tuple[tuple[int, int] | None, tuple[int, ...]]
+
+
 class BlockAllocator:
-    """A free list of cache blocks; block tables are plain lists owned by the sequences."""
+    """A pool of cache blocks with reference counts; block tables are plain lists owned by the sequences.
+
+    With prefix caching, full blocks are registered under their `BlockKey` once computed: a later sequence
+    whose prompt starts with the same tokens shares them (`match`) instead of recomputing them. A cached block
+    nobody holds stays in an LRU list and is evicted only when a free block is needed (vLLM's design).
+    """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1 or block_size < 1:
             raise CrosschipError(f"a KV cache needs >= 1 block of >= 1 token, got {num_blocks} x {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: the lowest ids go out first
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack of uncached blocks: the lowest ids go out first
+        self._refs = [0] * num_blocks
+        self._gen = [0] * num_blocks
+        self._key_of: dict[int, BlockKey] = {}
+        self._cached: dict[BlockKey, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recently used first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can take now (free, or cached and evictable)."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     def missing(self, table: list[int], tokens: int) -> int:
         """Blocks `table` still needs to hold `tokens` positions."""
@@ -53,15 +71,55 @@ class BlockAllocator:
     def grow(self, table: list[int], tokens: int) -> bool:
         """Extend `table` to hold `tokens` positions; False (and no change) when the pool is short."""
         need = self.missing(table, tokens)
-        if need > len(self._free):
+        if need > self.num_free:
             return False
-        table.extend(self._free.pop() for _ in range(need))
+        table.extend(self._take() for _ in range(need))
         return True
 
+    def _take(self) -> int:
+        if self._free:
+            block = self._free.pop()
+        else:  # evict the least recently used cached block
+            block, _ = self._evictable.popitem(last=False)
+            del self._cached[self._key_of.pop(block)]
+        self._refs[block], self._gen[block] = 1, self._gen[block] + 1
+        return block
+
     def release(self, table: list[int]) -> None:
-        """Return every block of `table` to the pool and empty it."""
-        self._free.extend(reversed(table))
+        """Drop the table's reference to each of its blocks and empty it."""
+        for block in reversed(table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
         table.clear()
+
+    def key(self, table: list[int], index: int, tokens: list[int]) -> BlockKey:
+        """The key of full block `index` of a sequence with this table and tokens."""
+        parent = None if index == 0 else (table[index - 1], self._gen[table[index - 1]])
+        size = self.block_size
+        return parent, tuple(tokens[index * size : (index + 1) * size])
+
+    def register(self, table: list[int], index: int, tokens: list[int]) -> None:
+        """Offer full block `index` of this sequence to later sequences (a first registration wins)."""
+        block, key = table[index], self.key(table, index, tokens)
+        if key not in self._cached and block not in self._key_of:
+            self._cached[key], self._key_of[block] = block, key
+
+    def match(self, tokens: list[int], limit: int) -> list[int]:
+        """The longest run of cached blocks holding tokens' first full blocks (at most `limit`), now referenced."""
+        table: list[int] = []
+        while len(table) < limit:
+            block = self._cached.get(self.key(table, len(table), tokens))
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._evictable[block]
+            self._refs[block] += 1
+            table.append(block)
+        return table
 
 
 @dataclass

@@ -158,6 +158,8 @@ class _StepIndex:
 class DenseRunner:
     """gpt-fast-style executor for Llama-architecture models over a paged KV cache.
 
+    Attention reads K/V only through the block tables, so sequences may share blocks (prefix caching).
+
     layout: "auto" measures the fastest weight layout per projection shape on this device (about a
     second at start-up); "nt" keeps HF's [out, in] with F.linear, "nn" stores [in, out] for torch.mm,
     "dnn" keeps [out, in] with oneDNN's inner product (CPU builds with oneDNN), "split" keeps [out, in]
@@ -167,6 +169,8 @@ class DenseRunner:
     run W8A8 (per-token dynamic int8 activations, int32 accumulation) on the fastest exact int8 kernel of
     this device (`int8.pick_int8_backend`, chosen per shape), and their float copies are dropped.
     """
+
+    shares_blocks = True
 
     def __init__(
         self,
@@ -301,8 +305,11 @@ class HFRunner:
 
     Correct for every architecture transformers supports (sliding windows, ...), but a step costs one
     full HF forward per scheduled sequence, so throughput does not grow with the batch. Blocks are
-    accounted by the engine as for the other runners (capacity planning), though HF owns the tensors.
+    accounted by the engine as for the other runners (capacity planning), though HF owns the tensors, so
+    they cannot be shared between sequences (no prefix caching).
     """
+
+    shares_blocks = False
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, max_context: int,
                  block_size: int = DEFAULT_BLOCK_SIZE) -> None:
