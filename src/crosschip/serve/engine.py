@@ -19,14 +19,12 @@ waits on model work (torch ops release the GIL).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import random
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +38,11 @@ from crosschip.serve.engine_api import (
     GenerationRequest,
     QueueFullError,
     RequestOutput,
-    RequestTooLongError,
 )
 from crosschip.serve.paged import DEFAULT_BLOCK_SIZE, BlockAllocator, Chunk, build_step
 from crosschip.serve.runner import make_runner
 from crosschip.serve.sampling import SamplingTable, prompt_logprobs, token_logprobs
+from crosschip.serve.sequence import RequestStream, Sequence, validate_request
 
 DEFAULT_MAX_CONTEXT = 2048
 # Default KV budget when none is given: this share of the device memory not yet allocated.
@@ -53,7 +51,6 @@ DEFAULT_KV_MEMORY_FRACTION = 0.4
 # Larger steps read the weights fewer times per token; smaller ones keep running decodes from stalling behind
 # long prompts (decode latency <= one step).
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
-_KEYS = itertools.count()  # a sequence's runner key: unique for the process, unlike a client's request id
 
 
 class EngineClosedError(QueueFullError):
@@ -62,69 +59,6 @@ class EngineClosedError(QueueFullError):
     def __init__(self, reason: str = "the engine is shutting down") -> None:
         super().__init__(retry_after_s=5.0)
         self.args = (reason,)
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """One request's state; fields after `queue` are touched only by the scheduler thread."""
-
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    submitted: float  # time.monotonic()
-    deadline: float  # math.inf without a timeout
-    seed: int
-    stop_ids: frozenset[int]
-    tokens: list[int] = field(default_factory=list)  # prompt + generated; the last may not be computed yet
-    computed: int = 0  # tokens whose K/V is in the cache
-    blocks: list[int] = field(default_factory=list)  # block table
-    registered: int = 0  # full blocks offered to the prefix cache
-    row: int = -1  # sampling table row while running
-    key: int = field(default_factory=lambda: next(_KEYS))
-    generated: int = 0  # tokens returned so far
-    first_token_sent: bool = False
-    prompt_done: bool = False  # prompt logprobs (if asked for) were returned
-    finished: bool = False
-
-    @property
-    def id(self) -> str:
-        return self.request.request_id
-
-
-class _RequestStream:
-    """The async iterator `generate` returns; closing, cancelling or dropping it aborts the request."""
-
-    def __init__(self, engine: BatchEngine, seq: _Sequence) -> None:
-        self._engine, self._seq, self._done = engine, seq, False
-
-    def __aiter__(self) -> _RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            item = await self._seq.queue.get()
-        except asyncio.CancelledError:  # the consumer's task was cancelled: client gone
-            self._close()
-            raise
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        if item.finished:
-            self._done = True
-        return item
-
-    async def aclose(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if not self._done:
-            self._done = True
-            self._engine._abort_sequence(self._seq)  # noqa: SLF001 - the stream belongs to its engine
-
-    def __del__(self) -> None:
-        self._close()  # dropped before the end (e.g. `break` out of `async for`): free the slot
 
 
 class BatchEngine:
@@ -177,22 +111,25 @@ class BatchEngine:
         # Reentrant: a stream's __del__ may run (garbage collection) on a thread that holds the lock.
         self._lock = threading.RLock()
         self._wake = threading.Event()
-        self._inbox: deque[_Sequence] = deque()
-        self._aborts: list[_Sequence] = []
-        self._live: dict[str, _Sequence] = {}
+        self._inbox: deque[Sequence] = deque()
+        self._aborts: list[Sequence] = []
+        self._live: dict[str, Sequence] = {}
         self._pending = 0  # submitted, not yet running (guarded by _lock)
         self._occupied = 0  # running sequences (guarded by _lock)
         self._closing = False
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        # scheduler-thread state
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # in admission order
+        self._init_scheduler_state()
+        self._stats = self._snapshot()
+
+    def _init_scheduler_state(self) -> None:
+        """What only the scheduler thread touches once it runs."""
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # in admission order
         self._next_deadline = math.inf
         self._preemptions = 0
         self._prefix = [0, 0]  # prompt tokens looked up in the prefix cache, and found there
         self._times = [0, 0.0, 0.0, 0.0]  # steps, schedule + build, forward, sample + emit (seconds)
-        self._stats = self._snapshot()
 
     @classmethod
     def from_checkpoint(
@@ -218,13 +155,13 @@ class BatchEngine:
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Queue a request and return its output stream; raises before any output when it cannot run."""
-        self._validate(request)
+        validate_request(request, self.vocab_size, self.max_context)
         loop = asyncio.get_running_loop()
         opts = request.sampling
         seed = self._rng.getrandbits(64) if opts.seed is None else opts.seed
         deadline = math.inf if request.timeout_s is None else time.monotonic() + request.timeout_s
         stop = frozenset(opts.stop_token_ids)
-        seq = _Sequence(request, loop, asyncio.Queue(), time.monotonic(), deadline, seed, stop,
+        seq = Sequence(request, loop, asyncio.Queue(), time.monotonic(), deadline, seed, stop,
                         tokens=list(request.prompt_ids))
         with self._lock:
             if self._error is not None:
@@ -241,7 +178,7 @@ class BatchEngine:
             self._inbox.append(seq)
         self._ensure_thread()
         self._wake.set()
-        return _RequestStream(self, seq)
+        return RequestStream(seq, self._abort_sequence)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -266,41 +203,9 @@ class BatchEngine:
 
     # ------------------------------------------------------------------ validation
 
-    def _validate(self, request: GenerationRequest) -> None:
-        """Reject what cannot run, synchronously (the server answers 400)."""
-        opts, prompt = request.sampling, request.prompt_ids
-        if not prompt:
-            raise ValueError("the prompt is empty: send at least one token")
-        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        if opts.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {opts.max_tokens}")
-        if len(prompt) + (0 if opts.score_only else opts.max_tokens) > self.max_context:
-            raise RequestTooLongError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({opts.max_tokens}) exceeds the context of "
-                f"{self.max_context} tokens"
-            )
-        if not (math.isfinite(opts.temperature) and opts.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {opts.temperature}")
-        if not 0 < opts.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {opts.top_p}")
-        if opts.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {opts.top_k}")
-        if any(not 0 <= t < self.vocab_size or not -100 <= b <= 100 for t, b in opts.logit_bias):
-            raise ValueError(f"logit_bias takes token ids in [0, {self.vocab_size}) and biases in [-100, 100]")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if not -2.0 <= getattr(opts, name) <= 2.0:  # OpenAI's range, which vLLM enforces too
-                raise ValueError(f"{name} must be in [-2, 2], got {getattr(opts, name)}")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(opts, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if request.timeout_s is not None and not request.timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {request.timeout_s}")
-
     # ------------------------------------------------------------------ cross-thread plumbing
 
-    def _abort_sequence(self, seq: _Sequence) -> None:
+    def _abort_sequence(self, seq: Sequence) -> None:
         with self._lock:
             if seq.finished or self._thread is None:
                 return
@@ -314,7 +219,7 @@ class BatchEngine:
             self._thread = threading.Thread(target=self._run, name="crosschip-engine", daemon=True)
             self._thread.start()
 
-    def _deliver(self, items: list[tuple[_Sequence, RequestOutput | BaseException]]) -> None:
+    def _deliver(self, items: list[tuple[Sequence, RequestOutput | BaseException]]) -> None:
         """Hand outputs to their event loops: one thread-safe callback per loop."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         for seq, out in items:
@@ -337,7 +242,7 @@ class BatchEngine:
 
     def _iteration(self) -> bool:
         """One scheduler iteration; False once closing and nothing is left to do."""
-        outputs: list[tuple[_Sequence, RequestOutput | BaseException]] = []
+        outputs: list[tuple[Sequence, RequestOutput | BaseException]] = []
         closing = self._take_inbox(outputs)
         self._expire(outputs)
         if closing and not self._waiting and not self._running:
@@ -382,7 +287,7 @@ class BatchEngine:
         live = [s.deadline for s in (*self._waiting, *self._running)]
         self._next_deadline = min(live, default=math.inf)
 
-    def _drop(self, seq: _Sequence, reason: FinishReason, outputs: list) -> None:
+    def _drop(self, seq: Sequence, reason: FinishReason, outputs: list) -> None:
         """Finish a waiting or running sequence now (abort / timeout)."""
         if seq.finished:
             return
@@ -395,7 +300,7 @@ class BatchEngine:
         self._finish(seq, reason, outputs)
 
     def _finish(
-        self, seq: _Sequence, reason: FinishReason, outputs: list, out: RequestOutput | None = None
+        self, seq: Sequence, reason: FinishReason, outputs: list, out: RequestOutput | None = None
     ) -> None:
         seq.finished = True
         with self._lock:
@@ -405,7 +310,7 @@ class BatchEngine:
         out.finished, out.finish_reason, out.num_generated_tokens = True, reason, seq.generated
         outputs.append((seq, out))
 
-    def _fail(self, seq: _Sequence, exc: BaseException, outputs: list) -> None:
+    def _fail(self, seq: Sequence, exc: BaseException, outputs: list) -> None:
         """End one request with an error its consumer raises (the server answers 500)."""
         seq.finished = True
         with self._lock:
@@ -413,7 +318,7 @@ class BatchEngine:
                 del self._live[seq.id]
         outputs.append((seq, RuntimeError(f"request {seq.id} failed in the engine: {exc!r}")))
 
-    def _release(self, seq: _Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
         """Give back seq's blocks, sampling row and any runner state."""
         self._blocks.release(seq.blocks)
         self.runner.free(seq.key)
@@ -422,14 +327,14 @@ class BatchEngine:
             seq.row = -1
         seq.computed = seq.registered = 0
 
-    def _leave_batch(self, seq: _Sequence) -> None:
+    def _leave_batch(self, seq: Sequence) -> None:
         """Take a running sequence out of the batch and free its blocks."""
         self._running.remove(seq)
         self._release(seq)
         with self._lock:
             self._occupied -= 1
 
-    def _preempt(self, seq: _Sequence) -> None:
+    def _preempt(self, seq: Sequence) -> None:
         """Out of blocks: free a running sequence's cache; it waits first in line to be recomputed."""
         self._leave_batch(seq)
         self._preemptions += 1
@@ -437,10 +342,10 @@ class BatchEngine:
         with self._lock:
             self._pending += 1
 
-    def _schedule(self) -> list[tuple[_Sequence, int]]:
+    def _schedule(self) -> list[tuple[Sequence, int]]:
         """This step's (sequence, token count) pairs under the token budget; decodes come first."""
         budget = self.max_num_batched_tokens
-        plan: dict[_Sequence, int] = {}
+        plan: dict[Sequence, int] = {}
         # Running sequences with one token left (decodes) first, then unfinished prompts, oldest first.
         for seq in sorted(self._running, key=lambda s: len(s.tokens) - s.computed > 1):
             if budget == 0 or seq not in self._running:  # out of budget, or preempted below
@@ -479,7 +384,7 @@ class BatchEngine:
             budget -= n
         return sorted(plan.items(), key=lambda item: item[1] > 1)  # single-token chunks first
 
-    def _reuse_prefix(self, seq: _Sequence) -> int:
+    def _reuse_prefix(self, seq: Sequence) -> int:
         """Share the cached blocks that hold seq's leading full blocks; returns the tokens so skipped.
 
         The block holding the last token is always computed (its logits are needed), and a prompt whose
@@ -493,7 +398,7 @@ class BatchEngine:
         seq.computed = seq.registered * self.runner.block_size
         return seq.computed
 
-    def _chunk(self, seq: _Sequence, budget: int) -> int:
+    def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of seq to run now: all that are left, or what the budget allows (a prompt chunk).
 
         A prompt whose logprobs are asked for runs whole, in one step: its logits are needed together.
@@ -503,7 +408,7 @@ class BatchEngine:
             return left
         return min(left, budget)
 
-    def _step(self, plan: list[tuple[_Sequence, int]], outputs: list, start: float | None = None) -> None:
+    def _step(self, plan: list[tuple[Sequence, int]], outputs: list, start: float | None = None) -> None:
         """Run one step's forward, then sample every sequence that computed all its tokens.
 
         `start`: when scheduling began, for the step timings (`EngineStats.schedule_s` ...).
@@ -546,7 +451,7 @@ class BatchEngine:
             self._times[2] += forwarded - built
             self._times[3] += time.perf_counter() - forwarded
 
-    def _sample(self, done: list[tuple[_Sequence, int, int]], logits: torch.Tensor, last: list[int],
+    def _sample(self, done: list[tuple[Sequence, int, int]], logits: torch.Tensor, last: list[int],
                 outputs: list) -> None:
         """Sample the next token of each finished chunk's sequence in one call, then emit them."""
         rows = np.array([seq.row for seq, _, _ in done], dtype=np.int64)
@@ -568,7 +473,7 @@ class BatchEngine:
             seq.prompt_done = True
             self._emit(seq, token, lps.get(i), out, outputs)
 
-    def _emit(self, seq: _Sequence, token: int, logprob: Any, out: RequestOutput, outputs: list) -> None:
+    def _emit(self, seq: Sequence, token: int, logprob: Any, out: RequestOutput, outputs: list) -> None:
         """Append a sampled token to seq's output and finish seq when it is done.
 
         A stop token (EOS) is returned too, then ends the sequence: vLLM's token_ids and logprobs carry it
