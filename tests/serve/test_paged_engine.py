@@ -265,3 +265,9 @@ def test_prompt_logprobs_requests_compute_their_whole_prompt() -> None:
     assert engine.stats().prefix_hits == 0  # the second one needs logits at every prompt position
     assert echo[0].prompt_logprobs is not None and len(echo[0].prompt_logprobs) == 20
     assert tokens(first) == tokens(echo)
+
+
+@pytest.mark.parametrize("setting", ["max_batch", "max_num_batched_tokens", "block_size"])
+def test_engine_limits_below_one_are_refused(setting: str) -> None:
+    with pytest.raises(ValueError, match="block_size must be >= 1, got"):
+        make_engine(**{setting: 0})

@@ -92,9 +92,9 @@ class BatchEngine:
         if not 1 <= self.max_context <= limit:
             raise ValueError(f"max_context must be in [1, {limit}] for this model, got {self.max_context}")
         budget = kv_budget_bytes if kv_budget_bytes is not None else _default_kv_budget(self.device)
-        if max_batch < 1 or max_num_batched_tokens < 1:
-            raise ValueError(f"max_batch and max_num_batched_tokens must be >= 1, got {max_batch}, "
-                             f"{max_num_batched_tokens}")
+        if min(max_batch, max_num_batched_tokens, block_size) < 1:
+            raise ValueError(f"max_batch, max_num_batched_tokens and block_size must be >= 1, got {max_batch}, "
+                             f"{max_num_batched_tokens}, {block_size}")
         self.runner = make_runner(model, max_batch, self.max_context, budget, compile, generic, layout, block_size,
                                   int8)
         self.max_batch, self.max_queue = max_batch, max_queue
