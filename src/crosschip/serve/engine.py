@@ -538,7 +538,7 @@ def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -
 
 
 def _default_kv_budget(device: torch.device) -> int | None:
-    """A share of the device memory not yet allocated; None (one slot per batch entry) if unknown."""
+    """A share of the device memory not yet allocated; None (max_batch full-context sequences) if unknown."""
     info = memory_info(device)
     total, used = info.get("total_bytes"), info.get("allocated_bytes")
     if total is None or used is None:

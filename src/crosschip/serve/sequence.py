@@ -73,7 +73,7 @@ class RequestStream:
             self._abort(self._seq)
 
     def __del__(self) -> None:
-        self._close()  # dropped before the end (e.g. `break` out of `async for`): free the slot
+        self._close()  # dropped before the end (e.g. `break` out of `async for`): free its blocks
 
 
 def validate_request(request: GenerationRequest, vocab_size: int, max_context: int) -> None:
