@@ -390,8 +390,7 @@ class BatchEngine:
         The block holding the last token is always computed (its logits are needed), and a prompt whose
         logprobs are asked for is computed whole.
         """
-        opts = seq.request.sampling
-        if not self.prefix_caching or seq.computed or (opts.prompt_logprobs is not None and not seq.prompt_done):
+        if not self.prefix_caching or seq.computed or seq.wants_prompt_logits:
             return 0
         seq.blocks = self._blocks.match(seq.tokens, (len(seq.tokens) - 1) // self.runner.block_size)
         seq.registered = len(seq.blocks)
@@ -404,7 +403,7 @@ class BatchEngine:
         A prompt whose logprobs are asked for runs whole, in one step: its logits are needed together.
         """
         left = len(seq.tokens) - seq.computed
-        if seq.request.sampling.prompt_logprobs is not None and not seq.prompt_done:
+        if seq.wants_prompt_logits:
             return left
         return min(left, budget)
 
@@ -416,9 +415,7 @@ class BatchEngine:
         chunks = []
         for seq, n in plan:
             end = seq.computed + n
-            mode = "none" if end < len(seq.tokens) else "last"
-            if mode == "last" and seq.request.sampling.prompt_logprobs is not None and not seq.prompt_done:
-                mode = "all"
+            mode = "none" if end < len(seq.tokens) else "all" if seq.wants_prompt_logits else "last"
             chunks.append(Chunk(seq.key, seq.tokens[seq.computed:end], seq.computed, seq.blocks, mode))
         try:
             batch = build_step(chunks, self.runner.block_size, self.device)
@@ -466,7 +463,7 @@ class BatchEngine:
             lps = dict(zip(want, token_logprobs(final[pick], ids[pick], ks), strict=True))
         for i, ((seq, offset, count), token) in enumerate(zip(done, ids.tolist(), strict=True)):
             out = RequestOutput(seq.id, num_prompt_tokens=len(seq.request.prompt_ids))
-            if count > 1 or (not seq.prompt_done and seq.request.sampling.prompt_logprobs is not None):
+            if seq.wants_prompt_logits:
                 prompt = torch.tensor(seq.request.prompt_ids, device=logits.device)
                 k = min(seq.request.sampling.prompt_logprobs, self.vocab_size)
                 out.prompt_logprobs = prompt_logprobs(logits[offset : offset + count], prompt, k)

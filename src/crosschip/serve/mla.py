@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from crosschip.errors import CrosschipError
-from crosschip.serve.paged import StepBatch, prefill_mask
+from crosschip.serve.paged import StepBatch
 from crosschip.serve.proj import rms_norm
 
 MLA_ARCHS = frozenset({"DeepseekV3ForCausalLM"})
@@ -292,11 +292,10 @@ class MLARunner:
     def _prefills(self, batch: StepBatch) -> list[_Prefill]:
         """Cache rows and causal masks of each prefill chunk, built once per step for all layers."""
         plans = []
-        for b in range(batch.num_decodes, len(batch.keys)):
-            lo, hi = batch.query_starts[b], batch.query_starts[b + 1]
-            mask = prefill_mask(batch.starts[b], hi - lo, self.device)  # [S, T]
-            mask = mask[:, None].expand(-1, self.heads, -1).reshape((hi - lo) * self.heads, -1)  # [S*H, T]
-            plans.append(_Prefill(slice(lo, hi), batch.cache_rows(b, self.device, self.block_size), mask))
+        for chunk in batch.prefills:
+            size = chunk.hi - chunk.lo
+            mask = chunk.mask[:, None].expand(-1, self.heads, -1).reshape(size * self.heads, -1)  # [S*H, T]
+            plans.append(_Prefill(slice(chunk.lo, chunk.hi), chunk.rows, mask))
         return plans
 
     def _attend(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -134,6 +135,40 @@ class Chunk:
 
 
 @dataclass
+class PrefillChunk:
+    """A multi-token chunk of a step: what its attention reads, built on first use and shared by all layers."""
+
+    lo: int  # its tokens are the flat batch's rows lo..hi-1
+    hi: int
+    start: int  # the position of its first token; 0: the chunk is the whole context so far
+    table: list[int]
+    block_size: int
+    device: torch.device
+
+    @property
+    def context(self) -> int:
+        """T: positions cached once this chunk is written."""
+        return self.start + self.hi - self.lo
+
+    @cached_property
+    def rows(self) -> torch.Tensor:
+        """Cache rows of positions 0..T-1, its whole context: [T] long."""
+        blocks = torch.tensor(self.table[: blocks_for(self.context, self.block_size)], dtype=torch.long)
+        return _block_rows(blocks, self.block_size)[: self.context].to(self.device)
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """Causal mask of its tokens over that context, offset by `start`: [S, T] bool."""
+        keys = torch.arange(self.context, device=self.device)
+        return keys[None, :] <= (self.start + torch.arange(self.hi - self.lo, device=self.device))[:, None]
+
+
+def _block_rows(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cache rows of every position of the given blocks, in order: [..., nb] -> [..., nb * block_size]."""
+    return (blocks[..., None] * block_size + torch.arange(block_size)).flatten(-2)
+
+
+@dataclass
 class StepBatch:
     """A flat batch of N tokens from B sequences; sequences 0..num_decodes-1 have one token each.
 
@@ -155,21 +190,11 @@ class StepBatch:
     decode_mask: torch.Tensor | None  # [D, 1, 1, T] bool
     logits_rows: torch.Tensor  # [R] long: the token rows whose logits the step returns, in chunk order
     logits_counts: list[int]  # [B]: how many of those rows belong to each sequence (0, 1 or its length)
+    prefills: list[PrefillChunk]  # sequences num_decodes..B-1
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
-
-    def cache_rows(self, b: int, device: torch.device, block_size: int) -> torch.Tensor:
-        """Cache rows of sequence b's positions 0..context_lens[b]-1: [T_b] long."""
-        return context_rows(self.block_tables[b], self.context_lens[b], block_size, device)
-
-
-def context_rows(table: list[int], length: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """The cache rows of positions 0..length-1 of the sequence whose block table is `table`: [length]."""
-    blocks = torch.tensor(table[: blocks_for(length, block_size)], dtype=torch.long)
-    rows = (blocks[:, None] * block_size + torch.arange(block_size)).view(-1)[:length]
-    return rows.to(device)
 
 
 def build_step(chunks: list[Chunk], block_size: int, device: torch.device) -> StepBatch:
@@ -201,8 +226,7 @@ def build_step(chunks: list[Chunk], block_size: int, device: torch.device) -> St
         for b, c in enumerate(chunks[:num_decodes]):
             used = c.block_table[: blocks_for(context_lens[b], block_size)]
             table[b, : len(used)] = torch.tensor(used, dtype=torch.long)
-        rows = (table[:, :, None] * block_size + torch.arange(block_size)).view(num_decodes, -1)  # [D, blocks * bs]
-        decode_rows = rows[:, :width].contiguous()
+        decode_rows = _block_rows(table, block_size)[:, :width].contiguous()  # [D, T]
         if num_decodes > 1:
             lens = torch.tensor(context_lens[:num_decodes])
             decode_mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None].to(device)
@@ -225,10 +249,6 @@ def build_step(chunks: list[Chunk], block_size: int, device: torch.device) -> St
         decode_mask=decode_mask,
         logits_rows=long(logits_rows),
         logits_counts=counts,
+        prefills=[PrefillChunk(starts[b], starts[b + 1], c.start, c.block_table, block_size, device)
+                  for b, c in enumerate(chunks) if b >= num_decodes],
     )
-
-
-def prefill_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
-    """Causal mask of a chunk at positions start..start+length-1 over context 0..start+length-1: [S, T]."""
-    keys = torch.arange(start + length, device=device)
-    return keys[None, :] <= (start + torch.arange(length, device=device))[:, None]

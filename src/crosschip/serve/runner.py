@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 from crosschip.errors import CrosschipError
 from crosschip.generate import cache_kwargs, new_cache
 from crosschip.serve.int8 import Int8Linear, pick_int8_backend
-from crosschip.serve.paged import DEFAULT_BLOCK_SIZE, StepBatch, blocks_for, prefill_mask
+from crosschip.serve.paged import DEFAULT_BLOCK_SIZE, StepBatch, blocks_for
 from crosschip.serve.proj import Proj, fuse, pick_layouts, rms_norm
 
 Int8Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (int8 [out, in], scale [out])
@@ -141,20 +141,6 @@ class _Layer:
         return x + self.down(self.act(gate) * up)
 
 
-class _StepIndex:
-    """What a step's attention reads besides the batch, computed once and shared by all layers."""
-
-    def __init__(self, batch: StepBatch, block_size: int, device: torch.device) -> None:
-        self.prefill: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]] = []
-        for b in range(batch.num_decodes, len(batch.keys)):
-            lo, hi, start = batch.query_starts[b], batch.query_starts[b + 1], batch.starts[b]
-            if start == 0:  # the whole context is this chunk: causal attention over its own K/V
-                self.prefill.append((lo, hi, None, None))
-            else:  # a later chunk: attend over the cached context, causally offset by `start`
-                rows = batch.cache_rows(b, device, block_size)  # [T]
-                self.prefill.append((lo, hi, rows, prefill_mask(start, hi - lo, device)))
-
-
 class DenseRunner:
     """gpt-fast-style executor for Llama-architecture models over a paged KV cache.
 
@@ -255,20 +241,19 @@ class DenseRunner:
         if max(batch.context_lens) > self.max_context:
             raise CrosschipError(f"a sequence of {max(batch.context_lens)} tokens exceeds max_context "
                                  f"{self.max_context}")
-        index = _StepIndex(batch, self.block_size, self.device)
         x = F.embedding(batch.tokens, self.embed)  # [N, D]
         cos, sin = self.cos[batch.positions, None], self.sin_signed[batch.positions, None]  # [N, 1, Dh]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv_fn(layer, x, cos, sin)  # [N, H, Dh], [N, Hkv, Dh], [N, Hkv, Dh]
             self.k_cache[i].index_copy_(0, batch.slot_mapping, k)
             self.v_cache[i].index_copy_(0, batch.slot_mapping, v)
-            attn = self._attention(batch, index, q, k, v, i)  # [N, H * Dh]
+            attn = self._attention(batch, q, k, v, i)  # [N, H * Dh]
             x = self._mlp_fns[i](x + layer.o(attn))  # [N, D]
         x = x.index_select(0, batch.logits_rows)  # [R, D]: the final norm and lm_head only where sampled
         return self.lm_head(rms_norm(x, self.norm, self.norm_eps)).float()
 
     def _attention(
-        self, batch: StepBatch, index: _StepIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+        self, batch: StepBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
     ) -> torch.Tensor:
         """Attention for every token of the step: q [N, H, Dh] -> [N, H * Dh]."""
         d, group = batch.num_decodes, self.n_heads // self.n_kv
@@ -283,15 +268,18 @@ class DenseRunner:
             qd = q[:d].view(d, self.n_kv, group, self.head_dim)  # [D, Hkv, G, Dh]
             out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, scale=self.scale)
             parts.append(out.reshape(d, -1))  # [D, H * Dh]
-        for lo, hi, rows, mask in index.prefill:
-            if rows is None:
+        for chunk in batch.prefills:
+            lo, hi = chunk.lo, chunk.hi
+            whole = chunk.start == 0  # the chunk is its whole context: causal attention over its own K/V
+            if whole:
                 keys, values = k[lo:hi], v[lo:hi]  # [S, Hkv, Dh]
-            else:
-                keys, values = kc.index_select(0, rows), vc.index_select(0, rows)  # [T, Hkv, Dh]
+            else:  # a later chunk: attend over the cached context, causally offset by its start
+                keys, values = kc.index_select(0, chunk.rows), vc.index_select(0, chunk.rows)  # [T, Hkv, Dh]
             keys = keys.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, T, Dh]
             values = values.transpose(0, 1).repeat_interleave(group, dim=0)
             out = F.scaled_dot_product_attention(
-                q[lo:hi].transpose(0, 1), keys, values, attn_mask=mask, is_causal=mask is None, scale=self.scale
+                q[lo:hi].transpose(0, 1), keys, values, attn_mask=None if whole else chunk.mask, is_causal=whole,
+                scale=self.scale
             )  # [H, S, Dh]
             parts.append(out.transpose(0, 1).reshape(hi - lo, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

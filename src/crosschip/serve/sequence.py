@@ -39,6 +39,11 @@ class Sequence:
     def id(self) -> str:
         return self.request.request_id
 
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Prompt logprobs are asked for and not yet returned: the prompt runs whole, logits at every position."""
+        return self.request.sampling.prompt_logprobs is not None and not self.prompt_done
+
 
 class RequestStream:
     """The async iterator `generate` returns; closing, cancelling or dropping it aborts the request."""
