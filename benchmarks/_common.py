@@ -68,6 +68,11 @@ def first_documents(corpus: Path, count: int, min_chars: int = 200) -> list[str]
     return docs[:count]
 
 
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """The first index where two equally long token lists differ, or None."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on, for the printed header and the JSON record."""
     info: dict[str, Any] = {

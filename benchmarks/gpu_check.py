@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import first_documents, log, machine, prepare_corpus, prepare_data, print_json
+from _common import first_divergence, first_documents, log, machine, prepare_corpus, prepare_data, print_json
 from crosschip import devices
 from crosschip.checkpoint import load_model, load_tokenizer_if_present, resolve_checkpoint_dir
 from crosschip.errors import CrosschipError
@@ -139,10 +139,6 @@ def _compare_logits(ref: torch.Tensor, test: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def _first_divergence(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
-
-
 def _compare_greedy(
     ref_model: torch.nn.Module, test_model: torch.nn.Module, prompts: list[list[int]], tol: float
 ) -> list[dict[str, Any]]:
@@ -158,7 +154,7 @@ def _compare_greedy(
         ref = generate(ref_model, ids, params)
         with devices.autocast(test_device, "bf16"):
             test = generate(test_model, ids, params)
-        k = _first_divergence(ref, test)
+        k = first_divergence(ref, test)
         row: dict[str, Any] = {
             "identical": k is None, "first_divergence": k, "explained_by_tie": None,
             # a 50-step tiny model often repeats one token: say so rather than let "identical" oversell it

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from _common import first_divergence
 from crosschip import models
 from crosschip.serve.engine import BatchEngine
 from crosschip.serve.engine_api import GenerationRequest, SamplingOptions
@@ -81,7 +82,7 @@ def serve_case(preset: str, device: torch.device, seed: int) -> dict[str, Any]:
     identical, ties, unexplained = 0, 0, []
     for i, (ids, out) in enumerate(zip(prompts, got, strict=True)):
         want = _hf_greedy(model, ids, device)
-        k = next((j for j, (x, y) in enumerate(zip(want, out, strict=True)) if x != y), None)
+        k = first_divergence(want, out)
         if k is None:
             identical += 1
         elif _margin(model, ids + want[:k], want[k], out[k], device) <= TIE_MARGIN:

@@ -258,13 +258,17 @@ def serve(
     block_size: Annotated[int | None, typer.Option(help="Token positions per KV cache block (default 16).")] = None,
     prefix_caching: Annotated[bool, typer.Option(
         help="Share the KV blocks of a common prompt prefix between requests.")] = True,
+    decode_kernel: Annotated[str, typer.Option(
+        help="auto: decode steps of float32 Llama-style models on the CPU run a compiled C++ kernel where it "
+             "builds (else torch ops); cpp: require it; torch: never.")] = "auto",
 ) -> None:
     """Serve a checkpoint behind an OpenAI-compatible API with continuous batching."""
     from crosschip.serve.api import run_server
 
     run_server(ckpt, device=device, dtype=dtype, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                max_context=max_context, api_key=api_key, request_timeout_s=request_timeout, compile=compile_model,
-               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, prefix_caching=prefix_caching)
+               max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, prefix_caching=prefix_caching,
+               decode_kernel=decode_kernel)
 
 
 @app.command()

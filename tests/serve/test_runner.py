@@ -96,8 +96,8 @@ ONEDNN = pytest.mark.skipif(_onednn_linear() is None, reason="this torch build h
     ],
 )
 def test_dense_runner_matches_hf_fp32(preset: str, layout: str) -> None:
-    model = preset_model(preset)
-    runner = make_runner(model, max_batch=4, max_context=64, layout=layout, block_size=4)
+    model = preset_model(preset)  # torch ops throughout; tests/serve/test_cpu_kernel.py covers the decode kernel
+    runner = make_runner(model, max_batch=4, max_context=64, layout=layout, block_size=4, kernel="torch")
     assert isinstance(runner, DenseRunner)
     check_against_hf(model, runner, FP32_ATOL)
 
@@ -163,7 +163,7 @@ def _tiny(config_cls: type, **extra: object) -> PreTrainedModel:
 )
 def test_dense_runner_covers_llama_like_archs(make: object) -> None:
     model = make()
-    runner = make_runner(model, max_batch=4, max_context=64, layout="nt", block_size=4)
+    runner = make_runner(model, max_batch=4, max_context=64, layout="nt", block_size=4, kernel="torch")
     assert isinstance(runner, DenseRunner)
     check_against_hf(model, runner, FP32_ATOL)
 

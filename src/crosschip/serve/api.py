@@ -430,6 +430,7 @@ def run_server(
     max_num_batched_tokens: int | None = None,
     block_size: int | None = None,
     prefix_caching: bool = True,
+    decode_kernel: str = "auto",
 ) -> None:
     """`crosschip serve`: load the checkpoint into a BatchEngine and serve it (blocks until shutdown).
 
@@ -439,7 +440,7 @@ def run_server(
     sock = _bind(host, port)  # fail fast on a busy port, before loading the model
     limits = {"max_batch": max_batch, "max_queue": max_queue, "max_context": max_context,
               "max_num_batched_tokens": max_num_batched_tokens, "block_size": block_size,
-              "prefix_caching": prefix_caching}
+              "prefix_caching": prefix_caching, "decode_kernel": decode_kernel}
     try:
         engine, tokenizer = _load(Path(ckpt), device, dtype, limits, compile)
     except BaseException:
@@ -453,7 +454,7 @@ def _load(
     ckpt: Path,
     device: str,
     dtype: str | None,
-    limits: dict[str, int | bool | None],
+    limits: dict[str, int | bool | str | None],
     compile: bool,
 ) -> tuple[Engine, Any]:
     """The BatchEngine and the checkpoint's tokenizer; bad settings become CrosschipErrors."""
@@ -486,8 +487,9 @@ def _load(
         raise CrosschipError(f"cannot serve {ckpt}: {e}", fix) from e
     kernels = getattr(engine.runner, "int8_backends", [])
     w8a8 = f"; W8A8 on int8 kernels ({', '.join(kernels)})" if kernels else ""
+    decode = " + CPU decode kernel" if getattr(engine.runner, "decode_kernel", None) is not None else ""
     print(f"loaded {type(model).__name__} on {target} ({precision}: {why}; attention {attention_of(model)}, "
-          f"runner {type(engine.runner).__name__}{w8a8})", flush=True)  # stdout, as `serving ...`
+          f"runner {type(engine.runner).__name__}{decode}{w8a8})", flush=True)  # stdout, as `serving ...`
     return engine, tokenizer
 
 
@@ -551,6 +553,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
+    p.add_argument("--decode-kernel", default="auto", choices=("auto", "cpp", "torch"))
     return p
 
 
@@ -573,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             a.max_num_batched_tokens,
             a.block_size,
             a.prefix_caching,
+            a.decode_kernel,
         )
     except CrosschipError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -81,6 +81,7 @@ class BatchEngine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         int8: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         prefix_caching: bool = True,
+        decode_kernel: str = "auto",
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -96,7 +97,7 @@ class BatchEngine:
             raise ValueError(f"max_batch, max_num_batched_tokens and block_size must be >= 1, got {max_batch}, "
                              f"{max_num_batched_tokens}, {block_size}")
         self.runner = make_runner(model, max_batch, self.max_context, budget, compile, generic, layout, block_size,
-                                  int8)
+                                  int8, decode_kernel)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_size = self.runner.vocab_size
         self.max_num_batched_tokens = max_num_batched_tokens

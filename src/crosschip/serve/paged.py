@@ -184,17 +184,36 @@ class StepBatch:
     context_lens: list[int]  # [B]: cached positions of each sequence once this step has written its K/V
     block_tables: list[list[int]]  # [B][blocks]
     num_decodes: int
-    # Decode attention for sequences 0..D-1: the cache rows of their contexts, padded to T, and a mask
-    # (None when one sequence needs no padding). T is the longest decode context, so padding is masked.
-    decode_rows: torch.Tensor | None  # [D, T] long
-    decode_mask: torch.Tensor | None  # [D, 1, 1, T] bool
+    # The block tables of sequences 0..D-1 on the host, padded with block 0 to the longest: [D, blocks] long.
+    decode_tables: torch.Tensor | None
     logits_rows: torch.Tensor  # [R] long: the token rows whose logits the step returns, in chunk order
     logits_counts: list[int]  # [B]: how many of those rows belong to each sequence (0, 1 or its length)
     prefills: list[PrefillChunk]  # sequences num_decodes..B-1
+    block_size: int
+    device: torch.device
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
+
+    # Decode attention for sequences 0..D-1 through torch ops: the cache rows of their contexts, padded to T,
+    # and a mask (None when one sequence needs no padding). T is the longest decode context, so padding is
+    # masked. Built on first use: a runner that reads the block tables itself never pays for them.
+    @cached_property
+    def decode_rows(self) -> torch.Tensor | None:
+        """[D, T] long, on the device."""
+        if self.decode_tables is None:
+            return None
+        width = max(self.context_lens[: self.num_decodes])
+        return _block_rows(self.decode_tables, self.block_size)[:, :width].contiguous().to(self.device)
+
+    @cached_property
+    def decode_mask(self) -> torch.Tensor | None:
+        """[D, 1, 1, T] bool, on the device; None for a single decode."""
+        if self.num_decodes < 2:
+            return None
+        lens = torch.tensor(self.context_lens[: self.num_decodes])
+        return (torch.arange(int(lens.max()))[None, :] < lens[:, None])[:, None, None].to(self.device)
 
 
 def build_step(chunks: list[Chunk], block_size: int, device: torch.device) -> StepBatch:
@@ -218,19 +237,14 @@ def build_step(chunks: list[Chunk], block_size: int, device: torch.device) -> St
         logits_rows.extend(rows)
         counts.append(len(rows))
     context_lens = [c.start + len(c.tokens) for c in chunks]
-    decode_rows = decode_mask = None
+    decode_tables = None
     if num_decodes:
-        width = max(context_lens[:num_decodes])  # T
-        nblocks = blocks_for(width, block_size)
-        table = torch.zeros(num_decodes, nblocks, dtype=torch.long)  # padding reads block 0, masked out
+        nblocks = blocks_for(max(context_lens[:num_decodes]), block_size)
+        padded = []
         for b, c in enumerate(chunks[:num_decodes]):
             used = c.block_table[: blocks_for(context_lens[b], block_size)]
-            table[b, : len(used)] = torch.tensor(used, dtype=torch.long)
-        decode_rows = _block_rows(table, block_size)[:, :width].contiguous()  # [D, T]
-        if num_decodes > 1:
-            lens = torch.tensor(context_lens[:num_decodes])
-            decode_mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None].to(device)
-        decode_rows = decode_rows.to(device)
+            padded.append(used + [0] * (nblocks - len(used)))  # padding reads block 0, masked out
+        decode_tables = torch.tensor(padded, dtype=torch.long)
 
     def long(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(device)
@@ -245,10 +259,11 @@ def build_step(chunks: list[Chunk], block_size: int, device: torch.device) -> St
         context_lens=context_lens,
         block_tables=[c.block_table for c in chunks],
         num_decodes=num_decodes,
-        decode_rows=decode_rows,
-        decode_mask=decode_mask,
+        decode_tables=decode_tables,
         logits_rows=long(logits_rows),
         logits_counts=counts,
         prefills=[PrefillChunk(starts[b], starts[b + 1], c.start, c.block_table, block_size, device)
                   for b, c in enumerate(chunks) if b >= num_decodes],
+        block_size=block_size,
+        device=device,
     )

@@ -126,7 +126,12 @@ def _probe_projections(
 
 
 def _layout_times(
-    shape: tuple[int, int], dtype: torch.dtype, device: torch.device, probe_bytes: int, rounds: int = 6
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    probe_bytes: int,
+    candidates: tuple[str, ...] = LAYOUTS,
+    rounds: int = 6,
 ) -> dict[str, float]:
     """Best seconds per batch-1 projection in each layout (inf where it cannot run).
 
@@ -139,10 +144,10 @@ def _layout_times(
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(out_f, in_f, generator=gen).to(device=device, dtype=dtype)
     x = torch.randn(1, in_f, generator=gen).to(device=device, dtype=dtype)
-    candidates = {layout: _probe_projections(shape, layout, weight, x, copies) for layout in LAYOUTS}
-    best = {layout: math.inf for layout in LAYOUTS}
+    probes = {layout: _probe_projections(shape, layout, weight, x, copies) for layout in candidates}
+    best = {layout: math.inf for layout in candidates}
     for _ in range(rounds):
-        for layout, projs in candidates.items():
+        for layout, projs in probes.items():
             if projs is None:
                 continue
             synchronize(device)
@@ -155,16 +160,20 @@ def _layout_times(
 
 
 def pick_layouts(
-    shapes: set[tuple[int, int]], dtype: torch.dtype, device: torch.device, probe_bytes: int = 64 * 2**20
+    shapes: set[tuple[int, int]],
+    dtype: torch.dtype,
+    device: torch.device,
+    probe_bytes: int = 64 * 2**20,
+    candidates: tuple[str, ...] = LAYOUTS,
 ) -> dict[tuple[int, int], str]:
-    """The fastest weight layout of each [out, in] shape for batch-1 decode, measured on this device.
+    """The fastest of `candidates` (which include "nt") per [out, in] shape for batch-1 decode, measured here.
 
     HF's own "nt" stays unless another layout is clearly (>10%) faster: timing noise must not move it.
     """
     chosen = {}
     with torch.inference_mode():
         for shape in sorted(shapes):
-            times = _layout_times(shape, dtype, device, probe_bytes)
+            times = _layout_times(shape, dtype, device, probe_bytes, candidates)
             best = min(times, key=times.__getitem__)
             chosen[shape] = best if times[best] < 0.9 * times["nt"] else "nt"
     return chosen

@@ -16,6 +16,7 @@ logits the engine samples from. Three implement it:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Protocol
@@ -25,10 +26,12 @@ import torch.nn.functional as F  # noqa: N812 - the usual alias
 
 from crosschip.errors import CrosschipError
 from crosschip.generate import cache_kwargs, new_cache
+from crosschip.serve.cpu_kernel import DenseDecodeKernel, check_kernel_name, kernel_problem
 from crosschip.serve.int8 import Int8Linear, pick_int8_backend
 from crosschip.serve.paged import DEFAULT_BLOCK_SIZE, StepBatch, blocks_for
-from crosschip.serve.proj import Proj, fuse, pick_layouts, rms_norm
+from crosschip.serve.proj import LAYOUTS, Proj, fuse, pick_layouts, rms_norm
 
+log = logging.getLogger("crosschip.serve")
 Int8Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (int8 [out, in], scale [out])
 # Rows the int8 backend is timed at when chosen per shape: a mid-size decode batch.
 INT8_PROBE_ROWS = 8
@@ -154,6 +157,10 @@ class DenseRunner:
     int8: the raw weights of an int8-w8a8-dynamic checkpoint (`int8.load_int8_weights`); those projections
     run W8A8 (per-token dynamic int8 activations, int32 accumulation) on the fastest exact int8 kernel of
     this device (`int8.pick_int8_backend`, chosen per shape), and their float copies are dropped.
+
+    kernel: "auto" runs steps in which every sequence decodes one token through the CPU decode kernel
+    (`cpu_kernel.py`) where it applies (float32 on the CPU) and builds, else torch ops; "cpp" requires it;
+    "torch" never uses it.
     """
 
     shares_blocks = True
@@ -167,7 +174,9 @@ class DenseRunner:
         compile: bool = False,
         layout: str = "auto",
         int8: Int8Weights | None = None,
+        kernel: str = "auto",
     ) -> None:
+        check_kernel_name(kernel)
         problem = fast_path_problem(model, max_context)
         if problem is not None:
             raise CrosschipError(f"the dense fast path cannot run this model: {problem}", "use HFRunner")
@@ -179,7 +188,9 @@ class DenseRunner:
         self.vocab_size = int(config.vocab_size)
         self.embed = base.embed_tokens.weight.detach()
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        layouts = self._layouts(model, layout, compile)
+        # The CPU decode kernel streams the stored [out, in] weights, so no [in, out] ("nn") copies for it.
+        no_nn = kernel != "torch" and self.device.type == "cpu"
+        layouts = self._layouts(model, layout, compile, no_nn)
         project = _Projections(layouts, int8 or {})
         with torch.no_grad():
             self.layers = [_Layer(layer, project, f"model.layers.{i}") for i, layer in enumerate(base.layers)]
@@ -199,15 +210,37 @@ class DenseRunner:
         # count; attention stays eager, since its shapes change with every sequence length.
         self._qkv_fn = torch.compile(self._qkv, dynamic=True) if compile else self._qkv
         self._mlp_fns = [torch.compile(lay.mlp, dynamic=True) if compile else lay.mlp for lay in self.layers]
+        self.decode_kernel = self._decode_kernel(kernel, compile, bool(self.int8_backends))
 
-    def _layouts(self, model: torch.nn.Module, layout: str, compile: bool) -> dict[tuple[int, int], str]:
+    def _decode_kernel(self, kernel: str, compile: bool, int8: bool) -> DenseDecodeKernel | None:
+        if kernel == "torch":
+            return None
+        problem = kernel_problem(self, compile, int8)
+        if problem is not None:
+            if kernel == "cpp":
+                raise CrosschipError(f"the CPU decode kernel cannot run this model: {problem}",
+                                     "serve with --decode-kernel auto or torch")
+            log.info("decode steps run torch ops: %s", problem)  # expected off the CPU and for other formats
+            return None
+        try:
+            return DenseDecodeKernel(self)
+        except CrosschipError as e:  # it applies but did not build (no compiler, ...): say so, unless required
+            if kernel == "cpp":
+                raise
+            log.warning("decode steps run torch ops, 2-3x slower at batch 1: %s", e)
+            return None
+
+    def _layouts(
+        self, model: torch.nn.Module, layout: str, compile: bool, no_nn: bool
+    ) -> dict[tuple[int, int], str]:
         shapes = _projection_shapes(model)
         if compile:  # inductor picks its own GEMM kernels, and cannot lower oneDNN's op on unfrozen weights
             if layout not in ("auto", "nt"):
                 raise CrosschipError(f"--compile runs the nt layout, not {layout!r}", "use layout auto or nt")
             return dict.fromkeys(shapes, "nt")
         if layout == "auto":
-            return pick_layouts(shapes, self.dtype, self.device)
+            candidates = tuple(name for name in LAYOUTS if not (no_nn and name == "nn"))
+            return pick_layouts(shapes, self.dtype, self.device, candidates=candidates)
         return dict.fromkeys(shapes, layout)
 
     def _rope_tables(self, rotary: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +274,9 @@ class DenseRunner:
         if max(batch.context_lens) > self.max_context:
             raise CrosschipError(f"a sequence of {max(batch.context_lens)} tokens exceeds max_context "
                                  f"{self.max_context}")
+        if self.decode_kernel is not None and batch.num_decodes == len(batch.keys):
+            logits = self.decode_kernel(batch)  # [B, V]: every sequence decodes one token
+            return logits if len(batch.logits_rows) == len(batch.keys) else logits[batch.logits_rows]
         x = F.embedding(batch.tokens, self.embed)  # [N, D]
         cos, sin = self.cos[batch.positions, None], self.sin_signed[batch.positions, None]  # [N, 1, Dh]
         for i, layer in enumerate(self.layers):
@@ -402,14 +438,20 @@ def make_runner(
     layout: str = "auto",
     block_size: int = DEFAULT_BLOCK_SIZE,
     int8: Int8Weights | None = None,
+    kernel: str = "auto",
 ) -> ModelRunner:
     """The fastest exact runner for `model`: DenseRunner or MLARunner when the architecture allows, else HFRunner."""
     from crosschip.serve.mla import MLARunner, mla_kv_bytes_per_token, mla_problem
 
+    check_kernel_name(kernel)
     model.eval()
     if not generic and fast_path_problem(model, max_context) is None:
         blocks = plan_blocks(max_batch, max_context, dense_kv_bytes_per_token(model), kv_budget_bytes, block_size)
-        return DenseRunner(model, blocks, max_context, block_size, compile=compile, layout=layout, int8=int8)
+        return DenseRunner(model, blocks, max_context, block_size, compile=compile, layout=layout, int8=int8,
+                           kernel=kernel)
+    if kernel == "cpp":
+        raise CrosschipError(f"the CPU decode kernel runs Llama-style decoders, not {type(model).__name__}",
+                             "serve with --decode-kernel auto or torch")
     if not generic and mla_problem(model, max_context) is None:
         blocks = plan_blocks(max_batch, max_context, mla_kv_bytes_per_token(model), kv_budget_bytes, block_size)
         return MLARunner(model, blocks, block_size, max_context)
