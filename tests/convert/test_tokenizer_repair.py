@@ -107,8 +107,8 @@ def test_serve_warns_at_start_on_an_old_crosschip_checkpoint(
 ) -> None:
     old_trained = _old_trained(tiny_tokenizer, make_model("tiny"), tmp_path, "transformers-5")
     capsys.readouterr()
-    _, tokenizer = _load(old_trained, "cpu", None, {"max_batch": 1, "max_queue": 1, "max_context": 64},
-                         False)  # a small KV cache: loads in a moment
+    limits = {"max_batch": 1, "max_queue": 1, "max_context": 64, "decode_kernel": "torch"}
+    _, tokenizer = _load(old_trained, "cpu", None, limits, False)  # a small KV cache, no kernel: loads in a moment
     assert not adds_bos(tokenizer)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: ")

@@ -16,6 +16,7 @@ import logging
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ log = logging.getLogger("crosschip.serve")
 
 KERNELS = ("auto", "cpp", "torch")
 SOURCE = Path(__file__).with_name("csrc") / "dense_decode.cpp"
+BUILD_NOTICE_S = 3.0  # a load still running after this long is a build: say so
 
 
 def _cflags() -> list[str]:
@@ -49,9 +51,11 @@ def load_extension() -> ModuleType:
     # The CPU capability is part of the name: a cache directory shared between machines must not hand an
     # AVX-512 build to an AVX2 CPU.
     name = f"crosschip_dense_decode_{torch.backends.cpu.get_cpu_capability().lower()}"
-    # stderr, not a logger: a server that seems to hang for 30 s at its first start must say why.
-    print(f"preparing the CPU decode kernel {name} (its first build on a machine takes ~30 s)",
-          file=sys.stderr, flush=True)
+    # A cached build loads in well under a second; a server that seems to hang for 30 s at its first start on a
+    # machine must say why (stderr, not a logger: nothing configures logging for `crosschip serve`).
+    notice = threading.Timer(BUILD_NOTICE_S, lambda: print(
+        f"building the CPU decode kernel {name} (once per machine, ~30 s)", file=sys.stderr, flush=True))
+    notice.start()
     try:
         # OpenMP comes from the libgomp torch already loaded (no -fopenmp at link: one runtime, one thread pool).
         return cpp_extension.load(name, [str(SOURCE)], extra_cflags=_cflags(), verbose=False)
@@ -61,6 +65,8 @@ def load_extension() -> ModuleType:
             f"cannot build the CPU decode kernel ({first})",
             "install a C++ compiler and ninja, or serve with --decode-kernel torch",
         ) from e
+    finally:
+        notice.cancel()
 
 
 def check_kernel_name(kernel: str) -> None:
