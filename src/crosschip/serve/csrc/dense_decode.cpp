@@ -174,8 +174,9 @@ class DenseDecode {
   DenseDecode(torch::Tensor embed, std::vector<torch::Tensor> layer_tensors, std::vector<double> layer_eps,
               torch::Tensor final_norm, double final_eps, torch::Tensor lm_w, torch::Tensor lm_b, torch::Tensor cos,
               torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache, int64_t n_heads, int64_t n_kv,
-              int64_t head_dim, int64_t block_size, double scale)
+              int64_t head_dim, int64_t block_size, double scale, bool release_gil)
       : held_(layer_tensors),
+        release_gil_(release_gil),
         n_heads_(n_heads), n_kv_(n_kv), head_dim_(head_dim), block_size_(block_size),
         scale_(static_cast<float>(scale)), final_eps_(static_cast<float>(final_eps)) {
     check_f32(embed, "embed");
@@ -249,8 +250,10 @@ class DenseDecode {
         TORCH_CHECK(tab[b * width + i] >= 0 && tab[b * width + i] < num_blocks, "block id out of range");
     }
     torch::Tensor logits = torch::empty({batch, lm_head_.out}, torch::kFloat32);
-    {
-      pybind11::gil_scoped_release no_gil;  // the server's event loop runs while the step computes
+    if (release_gil_) {
+      pybind11::gil_scoped_release no_gil;  // the server's event loop runs beside the step, on a spare core
+      run(tok, tab, width, lens, logits.data_ptr<float>());
+    } else {
       run(tok, tab, width, lens, logits.data_ptr<float>());
     }
     return logits;
@@ -359,6 +362,7 @@ class DenseDecode {
   }
 
   std::vector<torch::Tensor> held_;  // keeps the layers' tensors alive while `layers_` points into them
+  bool release_gil_;
   std::vector<Layer> layers_;
   Linear lm_head_;
   torch::Tensor embed_, final_norm_, lm_w_, lm_b_, cos_, sin_, k_cache_, v_cache_;
@@ -375,6 +379,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DenseDecode>(m, "DenseDecode")
       .def(pybind11::init<torch::Tensor, std::vector<torch::Tensor>, std::vector<double>, torch::Tensor, double,
                           torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
-                          int64_t, int64_t, int64_t, int64_t, double>())
+                          int64_t, int64_t, int64_t, int64_t, double, bool>())
       .def("decode", &DenseDecode::decode);
 }
