@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from crosschip.serve.metrics import parse_text
+
 SERVE_START_TIMEOUT_S = 300.0
 ROOT = Path(__file__).resolve().parents[1]
 VLLMKIT_DIR = ROOT / "tests" / "interop"  # one vLLM launcher, shared with the interop tests
@@ -134,9 +136,8 @@ STEP_COUNTERS = ("engine_steps_total", "engine_schedule_seconds_total", "engine_
 
 def step_counters(url: str) -> dict[str, float]:
     """crosschip serve's cumulative step timings from /metrics (url ends in /v1)."""
-    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text
-    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    return {name: float(values.get(f"crosschip_{name}", 0.0)) for name in STEP_COUNTERS}
+    values = parse_text(httpx.get(url.removesuffix("/v1") + "/metrics", timeout=10).text)
+    return {name: values.get(f"crosschip_{name}", 0.0) for name in STEP_COUNTERS}
 
 
 def step_split(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

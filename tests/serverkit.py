@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from crosschip.serve.metrics import parse_text
+
 READY = re.compile(r"serving (\S+) at (http://\S+/v1)")
 START_TIMEOUT_S = 120.0
 
@@ -33,12 +35,7 @@ class ServerProcess:
         return self.url.removesuffix("/v1")
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.root + "/metrics", timeout=10).text
-        return {
-            line.split(" ")[0]: float(line.split(" ")[1])
-            for line in text.splitlines()
-            if line and not line.startswith("#")
-        }
+        return parse_text(httpx.get(self.root + "/metrics", timeout=10).text)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (graceful); SIGKILL if it does not exit in time."""

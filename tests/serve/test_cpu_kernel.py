@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_runner import FP32_ATOL, check_against_hf, preset_model, prompts, scrambled_allocator
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedModel, Qwen2Config
+from test_runner import FP32_ATOL, _tiny, check_against_hf, preset_model, prompts, scrambled_allocator
+from transformers import LlamaConfig, MistralConfig, PreTrainedModel, Qwen2Config
 
 from crosschip.errors import CrosschipError
 from crosschip.serve import cpu_kernel
@@ -17,14 +17,6 @@ from crosschip.serve.paged import BlockAllocator, Chunk, build_step
 from crosschip.serve.runner import DenseRunner, make_runner
 
 CPU = torch.device("cpu")
-
-
-def _model(config_cls: type, **overrides: object) -> PreTrainedModel:
-    fields = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    config = config_cls(**{**fields, **overrides})
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 def kernel_runner(model: PreTrainedModel, max_batch: int = 4, block_size: int = 4) -> DenseRunner:
@@ -38,11 +30,11 @@ def kernel_runner(model: PreTrainedModel, max_batch: int = 4, block_size: int = 
     [
         lambda: preset_model("tiny"),
         lambda: preset_model("small"),
-        lambda: _model(MistralConfig, sliding_window=None),
-        lambda: _model(Qwen2Config),  # q/k/v biases
+        lambda: _tiny(MistralConfig, sliding_window=None),
+        lambda: _tiny(Qwen2Config),  # q/k/v biases
         # Widths that are no multiple of the 8 vector lanes or the 4-row tiles: head_dim 10, 6 query heads on
         # 2 KV heads, intermediate 50, vocab 401, untied lm_head.
-        lambda: _model(LlamaConfig, hidden_size=60, num_attention_heads=6, num_key_value_heads=2,
+        lambda: _tiny(LlamaConfig, hidden_size=60, num_attention_heads=6, num_key_value_heads=2,
                        intermediate_size=50, vocab_size=401, tie_word_embeddings=False),
     ],
     ids=["tiny", "small", "mistral", "qwen2-qkv-bias", "odd-widths"],

@@ -147,11 +147,11 @@ def test_hf_module_still_matches_after_weight_fusion() -> None:
     torch.testing.assert_close(hf_logits(model, ids), before, atol=FP32_ATOL, rtol=0)
 
 
-def _tiny(config_cls: type, **extra: object) -> PreTrainedModel:
-    config = config_cls(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, **extra,
-    )  # fmt: skip
+def _tiny(config_cls: type, **overrides: object) -> PreTrainedModel:
+    """A 2-layer GQA model of `config_cls` (64 wide, vocab VOCAB) with any field overridden."""
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    config = config_cls(**{**fields, **overrides})
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
 

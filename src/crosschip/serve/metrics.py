@@ -100,6 +100,12 @@ class ReadCounter(Gauge):
     kind = "counter"
 
 
+def parse_text(text: str) -> dict[str, float]:
+    """The sample lines of a /metrics page as {name (with its labels): value}, as tests and benchmarks read it."""
+    return {name: float(value) for name, value in
+            (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))}
+
+
 class Histogram(_Metric):
     """Cumulative buckets + sum + count, without labels."""
 
